@@ -1,0 +1,121 @@
+"""Vision Transformer (ViT) image encoder in Flax NNX."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from sslvl_jax.models.layers import Block, Dtype, trunc_normal
+
+
+def sincos_2d(grid: int, width: int) -> np.ndarray:
+  """Fixed 2-D sine-cosine position embedding (MoCo v3 / MAE), shape (grid*grid, width)."""
+  if width % 4:
+    raise ValueError(f"sin-cos position embedding needs width divisible by 4, got {width}")
+  y, x = np.meshgrid(np.arange(grid, dtype=np.float64), np.arange(grid, dtype=np.float64),
+                     indexing="ij")
+  omega = 1.0 / 10000 ** (np.arange(width // 4) / (width // 4))
+  out_x, out_y = np.outer(x.ravel(), omega), np.outer(y.ravel(), omega)
+  return np.concatenate([np.sin(out_x), np.cos(out_x), np.sin(out_y), np.cos(out_y)], 1).astype(np.float32)
+
+
+class ViT(nnx.Module):
+  """ViT with class token, optional register tokens, cls or mean pooling.
+
+  `__call__` returns a dict: `pooled` (b, width) after the final norm, `tokens` (b, t, width) after
+  the final norm, and `patch_tokens` (b, n_patches, width). Inputs of another resolution than
+  `image_size` get bicubically interpolated patch position embeddings (DINO's 96 px local crops).
+  """
+
+  def __init__(self, *, image_size: int = 224, patch_size: int = 16, width: int = 768,
+               depth: int = 12, num_heads: int = 12, mlp_dim: int | None = None,
+               num_registers: int = 0, pool: str = "cls", pre_norm: bool = False,
+               patch_bias: bool = True, qkv_bias: bool = True, ln_eps: float = 1e-6,
+               act: str = "gelu", drop_path_rate: float = 0.0, pos_embed: str = "learned",
+               freeze_patch_embed: bool = False, attention_impl: str | None = None,
+               in_channels: int = 3, dtype: Dtype = jnp.float32, param_dtype: Dtype = jnp.float32,
+               rngs: nnx.Rngs):
+    if image_size % patch_size:
+      raise ValueError(f"image_size {image_size} is not divisible by patch_size {patch_size}")
+    if pool not in ("cls", "mean"):
+      raise ValueError(f"unknown ViT pool {pool!r}; use 'cls' or 'mean'")
+    self.patch_size, self.width, self.pool = patch_size, width, pool
+    self.num_registers, self.freeze_patch_embed = num_registers, freeze_patch_embed
+    self.grid = image_size // patch_size
+    self.dtype = dtype
+    self.patch_embed = nnx.Conv(in_channels, width, (patch_size, patch_size), strides=patch_size,
+                                padding="VALID", use_bias=patch_bias, dtype=dtype,
+                                param_dtype=param_dtype, rngs=rngs)
+    self.cls_token = nnx.Param(jax.random.normal(rngs.params(), (1, 1, width), param_dtype) * 1e-6)
+    if pos_embed == "learned":
+      pos = trunc_normal(rngs.params(), (1, 1 + self.grid ** 2, width), param_dtype)
+      self.pos_embed = nnx.Param(pos)
+    elif pos_embed == "sincos":
+      pos = np.concatenate([np.zeros((1, width), np.float32), sincos_2d(self.grid, width)])[None]
+      self.pos_embed = nnx.Variable(jnp.asarray(pos, param_dtype))  # fixed, not trained
+    else:
+      raise ValueError(f"unknown pos_embed {pos_embed!r}; use 'learned' or 'sincos'")
+    self.registers = nnx.Param(trunc_normal(rngs.params(), (1, num_registers, width), param_dtype)
+                               ) if num_registers else None
+    self.ln_pre = nnx.LayerNorm(width, epsilon=ln_eps, dtype=dtype, param_dtype=param_dtype,
+                                rngs=rngs) if pre_norm else None
+    rates = np.linspace(0.0, drop_path_rate, depth).tolist()
+    self.blocks = nnx.List([
+        Block(width, num_heads, mlp_dim or 4 * width, act=act, ln_eps=ln_eps, qkv_bias=qkv_bias,
+              drop_path_rate=rates[i], attention_impl=attention_impl, dtype=dtype,
+              param_dtype=param_dtype, rngs=rngs) for i in range(depth)])
+    self.norm = nnx.LayerNorm(width, epsilon=ln_eps, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+
+  def _pos_embed(self, grid_h: int, grid_w: int) -> jax.Array:
+    pos = self.pos_embed[...]
+    if (grid_h, grid_w) == (self.grid, self.grid):
+      return pos
+    patch_pos = pos[:, 1:].reshape(1, self.grid, self.grid, self.width)
+    patch_pos = jax.image.resize(patch_pos.astype(jnp.float32), (1, grid_h, grid_w, self.width),
+                                 method="bicubic").astype(pos.dtype)
+    return jnp.concatenate([pos[:, :1], patch_pos.reshape(1, grid_h * grid_w, self.width)], 1)
+
+  def embed(self, images: jax.Array) -> jax.Array:
+    """Patch + class + register tokens with position embeddings, (b, t, width)."""
+    if images.ndim != 4:
+      raise ValueError(f"ViT expects images of shape (batch, height, width, channels), got {images.shape}")
+    x = self.patch_embed(images.astype(self.dtype))
+    if self.freeze_patch_embed:
+      x = jax.lax.stop_gradient(x)
+    b, gh, gw, d = x.shape
+    x = x.reshape(b, gh * gw, d)
+    cls = jnp.broadcast_to(self.cls_token[...], (b, 1, d)).astype(x.dtype)
+    x = jnp.concatenate([cls, x], 1) + self._pos_embed(gh, gw).astype(x.dtype)
+    if self.registers is not None:
+      reg = jnp.broadcast_to(self.registers[...], (b, self.num_registers, d)).astype(x.dtype)
+      x = jnp.concatenate([x[:, :1], reg, x[:, 1:]], 1)
+    if self.ln_pre is not None:
+      x = self.ln_pre(x)
+    return x
+
+  def __call__(self, images: jax.Array, *, rng: jax.Array | None = None,
+               return_block_cls: int = 0) -> dict[str, jax.Array]:
+    x = self.embed(images)
+    rngs = [None] * len(self.blocks) if rng is None else list(jax.random.split(rng, len(self.blocks)))
+    block_cls = []
+    for i, (blk, r) in enumerate(zip(self.blocks, rngs)):
+      x = blk(x, rng=r)
+      if i >= len(self.blocks) - return_block_cls:
+        block_cls.append(self.norm(x[:, 0]))
+    x = self.norm(x)
+    patches = x[:, 1 + self.num_registers:]
+    pooled = x[:, 0] if self.pool == "cls" else patches.mean(axis=1)
+    out = {"pooled": pooled, "tokens": x, "patch_tokens": patches}
+    if return_block_cls:
+      out["block_cls"] = jnp.concatenate(block_cls, axis=-1)
+    return out
+
+  def last_attention(self, images: jax.Array) -> jax.Array:
+    """Attention weights (b, heads, t, t) of the last block, for DINO attention maps."""
+    x = self.embed(images)
+    for blk in self.blocks[:-1]:
+      x = blk(x)
+    last = self.blocks[-1]
+    return last.attn.weights(last.ln1(x))
