@@ -13,6 +13,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from sslvl_jax.errors import ConfigError
+
 DATA_AXIS = "data"
 
 
@@ -37,11 +39,11 @@ def check_batch_divides(global_batch_size: int, mesh: Mesh) -> None:
   """Raise a clear error when the batch cannot be split evenly over devices and processes."""
   n_dev = mesh.devices.size
   if global_batch_size % n_dev:
-    raise ValueError(
+    raise ConfigError(
         f"global_batch_size={global_batch_size} is not divisible by the {n_dev} devices of the mesh; "
         f"set --config.global_batch_size to a multiple of {n_dev}")
   if global_batch_size % jax.process_count():
-    raise ValueError(
+    raise ConfigError(
         f"global_batch_size={global_batch_size} is not divisible by the {jax.process_count()} processes")
 
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any, Callable, Generic, TypeVar
 
+from sslvl_jax.errors import ConfigError
+
 T = TypeVar("T")
 
 
@@ -28,10 +30,10 @@ class Registry(Generic[T]):
     self.register(name)(obj)
 
   def get(self, name: str) -> T:
-    """Return the object registered as `name`, or raise a KeyError listing the known names."""
+    """Return the object registered as `name`, or raise a ConfigError listing the known names."""
     if name not in self._items:
       known = ", ".join(sorted(self._items))
-      raise KeyError(f"unknown {self.kind} {name!r}; known: {known}")
+      raise ConfigError(f"unknown {self.kind} {name!r}; known: {known}")
     return self._items[name]
 
   def names(self) -> list[str]:

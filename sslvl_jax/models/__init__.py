@@ -11,6 +11,7 @@ from flax import nnx
 from sslvl_jax.models.text import TextTransformer
 from sslvl_jax.models.two_tower import TwoTower, l2_normalize
 from sslvl_jax.models.vit import ViT
+from sslvl_jax.errors import ConfigError
 from sslvl_jax.registry import Registry
 
 MODELS: Registry = Registry("model")
@@ -37,7 +38,7 @@ def build(name: str, *, rngs: nnx.Rngs, **kwargs: Any) -> nnx.Module:
   try:
     return factory(rngs=rngs, **kwargs)
   except TypeError as e:
-    raise TypeError(f"bad arguments for model {name!r}: {e}") from e
+    raise ConfigError(f"bad arguments for model {name!r}: {e}") from e
 
 
 def width_of(module: nnx.Module) -> int:
@@ -53,7 +54,7 @@ def dtype_of(name: str) -> Any:
   try:
     return {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}[name]
   except KeyError:
-    raise ValueError(f"unknown dtype {name!r}; use float32, bfloat16 or float16") from None
+    raise ConfigError(f"unknown dtype {name!r}; use float32, bfloat16 or float16") from None
 
 
 __all__ = ["MODELS", "build", "width_of", "dtype_of", "ViT", "TextTransformer", "TwoTower",

@@ -1,0 +1,160 @@
+"""In-loop and standalone evaluators: feature extraction over the mesh + the eval math.
+
+Each evaluator is configured by a dict in `config.evals` (name -> {type, every_steps, ...}) and
+runs on its own schedule, like big_vision's evaluators. Every setting it uses is logged with it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from ml_collections import ConfigDict
+
+from sslvl_jax import data, parallel
+from sslvl_jax.data import builtin
+from sslvl_jax.data.examples import tokenizer
+from sslvl_jax.evals import knn, linear_probe, zero_shot
+from sslvl_jax.registry import Registry
+
+EVALUATORS: Registry = Registry("evaluator")
+CLASSNAMES = {"digits": builtin.CLASSNAMES}
+TEMPLATES = {"digits_eval": builtin.EVAL_TEMPLATES, "digits_train": builtin.TRAIN_TEMPLATES}
+
+
+def _classnames(name: str) -> tuple[str, ...]:
+  return CLASSNAMES[name] if name in CLASSNAMES else tuple(zero_shot.load_classnames(name))
+
+
+def _templates(name: str) -> tuple[str, ...]:
+  return TEMPLATES[name] if name in TEMPLATES else tuple(zero_shot.load_templates(name))
+
+
+class Evaluator:
+  """Base: schedule, data config, and sharded feature extraction of a split."""
+
+  def __init__(self, cfg: ConfigDict, method: Any, mesh: Any):
+    self.cfg, self.method, self.mesh = cfg, method, mesh
+    self.data_cfg = ConfigDict(method.config.data.to_dict())
+    self.data_cfg.update(cfg.get("data", {}))
+    self.batch_size = cfg.get("batch_size", 256)
+    n = mesh.devices.size
+    self.batch_size = -(-self.batch_size // n) * n
+    self._features = jax.jit(self._features_fn)
+
+  def due(self, step: int, total_steps: int) -> bool:
+    """Run every `every_steps` and at the last step."""
+    every = self.cfg.get("every_steps")
+    return step == total_steps or bool(every and step % every == 0)
+
+  def _features_fn(self, params, model_state, extras, images):
+    model = nnx.merge(self.method.graphdef, params, model_state)
+    return self.method.image_features(model, extras, images).astype(jnp.float32)
+
+  def features(self, model: nnx.Module, extras: Any, split: str) -> tuple[np.ndarray, np.ndarray]:
+    """(features, labels) of every example of `split`, batched and sharded over the mesh."""
+    source = data.source(self.data_cfg, split)
+    ds = data.make_dataset(source, data.example_transform(self.data_cfg, "image_label", train=False),
+                           local_batch_size=self.batch_size // jax.process_count(), seed=0,
+                           train=False)
+    _, params, model_state = nnx.split(model, nnx.Param, ...)
+    feats, labels = [], []
+    for local in ds:
+      n = len(local["label"])
+      pad = self.batch_size // jax.process_count() - n
+      images = np.concatenate([local["image"], np.zeros((pad,) + local["image"].shape[1:],
+                                                         local["image"].dtype)])
+      g = parallel.host_to_global(self.mesh, {"image": images})
+      f = multihost_gather(self._features(params, model_state, extras, g["image"]))
+      feats.append(f.reshape(jax.process_count(), -1, f.shape[-1])[:, :n].reshape(-1, f.shape[-1]))
+      labels.append(multihost_gather_labels(local["label"], pad))
+    return np.concatenate(feats), np.concatenate(labels)
+
+  def settings(self) -> dict:
+    """Every setting of this evaluator, logged with its results."""
+    return {"type": self.cfg.type, **{k: v for k, v in self.cfg.items() if k != "data"},
+            "data": self.data_cfg.to_dict()}
+
+
+def multihost_gather(x: jax.Array) -> np.ndarray:
+  """A global array as numpy on every host."""
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  if jax.process_count() == 1:
+    return np.asarray(jax.device_get(x))
+  return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+
+def multihost_gather_labels(labels: np.ndarray, pad: int) -> np.ndarray:
+  """Each process's labels concatenated in process order."""
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  if jax.process_count() == 1:
+    return np.asarray(labels)
+  padded = np.concatenate([labels, np.full((pad,), -1, labels.dtype)])
+  allp = np.asarray(multihost_utils.process_allgather(padded))
+  return allp[allp >= 0] if pad else allp.reshape(-1)
+
+
+@EVALUATORS.register("zero_shot")
+class ZeroShot(Evaluator):
+  """Zero-shot classification: prompt-ensembled class embeddings vs image embeddings."""
+
+  def run(self, model: nnx.Module, extras: Any) -> dict[str, float]:
+    """Top-1/top-5 on `cfg.split` with `cfg.classnames` x `cfg.templates`."""
+    tok = tokenizer(data.tokenizer_spec(self.data_cfg))
+    _, params, model_state = nnx.split(model, nnx.Param, ...)
+    encode = jax.jit(lambda t: self.method.text_features(
+        nnx.merge(self.method.graphdef, params, model_state), extras, t))
+    class_emb = zero_shot.class_text_embeddings(
+        lambda t: np.asarray(encode(jnp.asarray(t))), tok.encode,
+        _classnames(self.cfg.classnames), _templates(self.cfg.templates))
+    feats, labels = self.features(model, extras, self.cfg.get("split", "test"))
+    scores = zero_shot.zero_shot_scores(feats, class_emb)
+    return knn.topk_accuracy(scores, labels, ks=(1, 5))
+
+
+@EVALUATORS.register("knn")
+class Knn(Evaluator):
+  """DINO k-NN: cosine similarity, top-k, votes weighted by exp(sim / T)."""
+
+  def run(self, model: nnx.Module, extras: Any) -> dict[str, float]:
+    """Top-1/top-5 of `cfg.test_split` against the `cfg.train_split` feature bank."""
+    train_f, train_l = self.features(model, extras, self.cfg.get("train_split", "train"))
+    test_f, test_l = self.features(model, extras, self.cfg.get("test_split", "test"))
+    num_classes = int(self.cfg.get("num_classes", int(train_l.max()) + 1))
+    scores = knn.knn_predict(train_f, train_l, test_f, num_classes=num_classes,
+                             k=self.cfg.get("k", 20), temperature=self.cfg.get("temperature", 0.07),
+                             mesh=self.mesh)
+    return knn.topk_accuracy(scores, test_l, ks=(1, 5))
+
+
+@EVALUATORS.register("linear_probe")
+class LinearProbe(Evaluator):
+  """Linear classifier on frozen features with a small lr/wd sweep on a held-out split."""
+
+  def run(self, model: nnx.Module, extras: Any) -> dict[str, float]:
+    """Top-1/top-5 on `cfg.test_split` after training on `cfg.train_split`."""
+    train_f, train_l = self.features(model, extras, self.cfg.get("train_split", "train"))
+    test_f, test_l = self.features(model, extras, self.cfg.get("test_split", "test"))
+    num_classes = int(self.cfg.get("num_classes", int(train_l.max()) + 1))
+    res = linear_probe.linear_probe(train_f, train_l, test_f, test_l, num_classes=num_classes,
+                                    **self.cfg.get("probe", {}))
+    return {k: float(v) for k, v in res.items() if np.ndim(v) == 0 and not isinstance(v, str)}
+
+
+def build_all(cfg: ConfigDict, method: Any, mesh: Any) -> dict[str, Evaluator]:
+  """Evaluators of `config.evals` by name."""
+  return {name: EVALUATORS.get(c.type)(c, method, mesh) for name, c in cfg.items()}
+
+
+def save_result(workdir: str, name: str, step: int, result: dict) -> None:
+  """WORKDIR/evals/<name>_<step>.json (process 0)."""
+  if jax.process_index() != 0:
+    return
+  os.makedirs(os.path.join(workdir, "evals"), exist_ok=True)
+  with open(os.path.join(workdir, "evals", f"{name}_{step}.json"), "w", encoding="utf-8") as f:
+    json.dump({k: float(v) for k, v in result.items()}, f, indent=1)

@@ -1,0 +1,98 @@
+"""Image-text contrastive methods: CLIP (softmax InfoNCE) and SigLIP (pairwise sigmoid)."""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from jax.sharding import PartitionSpec as P
+
+from sslvl_jax import data, losses, models, parallel
+from sslvl_jax.data.examples import tokenizer
+from sslvl_jax.methods import METHODS
+from sslvl_jax.methods.base import Method, StepContext
+
+
+def clamp_leaf(params: Any, name: str, lo: float, hi: float) -> Any:
+  """Clip the leaf whose path ends in `name` to [lo, hi] (CLIP's logit-scale clamp)."""
+  from sslvl_jax.optim import path_str  # pylint: disable=g-import-not-at-top
+  return jax.tree_util.tree_map_with_path(
+      lambda p, x: jnp.clip(x, lo, hi) if path_str(p).endswith(name) else x, params)
+
+
+class ImageText(Method):
+  """Two towers trained with a global-batch image-text loss; subclasses choose the loss."""
+
+  example = "image_text"
+  logit_bias_init: float | None = None
+
+  def build_model(self, rngs: nnx.Rngs) -> nnx.Module:
+    cfg = self.config.model
+    dtype = models.dtype_of(cfg.get("dtype", "float32"))
+    tok_spec = data.tokenizer_spec(self.config.data)
+    image = models.build(cfg.image.name, rngs=rngs, dtype=dtype,
+                         **{k: v for k, v in cfg.image.items() if k != "name"})
+    text_kw = {k: v for k, v in cfg.text.items() if k != "name"}
+    text_kw.setdefault("vocab_size", tokenizer(tok_spec).vocab_size)
+    text_kw.setdefault("context_length", tok_spec.context_length)
+    text_kw.setdefault("eot_id", tok_spec.eot_id)
+    text_kw.setdefault("pad_id", tok_spec.pad_id)
+    text = models.build(cfg.text.name, rngs=rngs, dtype=dtype, **text_kw)
+    return models.TwoTower(image, text, image_width=models.width_of(image),
+                           text_width=models.width_of(text), embed_dim=cfg.embed_dim,
+                           logit_scale_init=self.config.loss.logit_scale_init,
+                           logit_bias_init=self.config.loss.get("logit_bias_init"), rngs=rngs)
+
+  def embed(self, model: nnx.Module, batch: dict, rng: jax.Array | None
+            ) -> tuple[jax.Array, jax.Array]:
+    """L2-normalised (image, text) embeddings of a batch."""
+    r1 = r2 = None
+    if rng is not None:
+      r1, r2 = jax.random.split(rng)
+    return (model.encode_image(self.normalize(batch["image"]), rng=r1),
+            model.encode_text(batch["tokens"], rng=r2))
+
+  def image_features(self, model: nnx.Module, extras: Any, images: jax.Array) -> jax.Array:
+    return model.encode_image(self.normalize(images))
+
+  def text_features(self, model: nnx.Module, extras: Any, tokens: jax.Array) -> jax.Array:
+    return model.encode_text(tokens)
+
+  def after_update(self, params: Any, extras: Any, step: jax.Array) -> tuple[Any, Any]:
+    max_scale = self.config.loss.get("max_logit_scale")
+    if max_scale:
+      params = clamp_leaf(params, "logit_scale", 0.0, math.log(max_scale))
+    return params, extras
+
+
+@METHODS.register("clip")
+class Clip(ImageText):
+  """CLIP: symmetric InfoNCE over the global batch (ALIGN with loss.label_smoothing=0.1)."""
+
+  def loss(self, model: nnx.Module, extras: Any, batch: dict, ctx: StepContext
+           ) -> tuple[jax.Array, dict, Any]:
+    img, txt = self.embed(model, batch, ctx.rng)
+    scale = jnp.exp(model.logit_scale[...])
+    fn = functools.partial(losses.clip_loss, axis_name=parallel.DATA_AXIS,
+                           label_smoothing=self.config.loss.get("label_smoothing", 0.0))
+    loss = parallel.sharded_loss(fn, self.mesh, (P(parallel.DATA_AXIS), P(parallel.DATA_AXIS), P())
+                                 )(img, txt, scale)
+    return loss, {"logit_scale": scale}, extras
+
+
+@METHODS.register("siglip")
+class SigLip(ImageText):
+  """SigLIP: pairwise sigmoid loss, text chunks passed around the device ring."""
+
+  def loss(self, model: nnx.Module, extras: Any, batch: dict, ctx: StepContext
+           ) -> tuple[jax.Array, dict, Any]:
+    img, txt = self.embed(model, batch, ctx.rng)
+    scale, bias = jnp.exp(model.logit_scale[...]), model.logit_bias[...]
+    fn = functools.partial(losses.siglip_loss, axis_name=parallel.DATA_AXIS)
+    d = P(parallel.DATA_AXIS)
+    loss = parallel.sharded_loss(fn, self.mesh, (d, d, P(), P()))(img, txt, scale, bias)
+    return loss, {"logit_scale": scale, "logit_bias": bias}, extras

@@ -1,0 +1,97 @@
+"""Metric writers (stdout, metrics.jsonl, TensorBoard), throughput/ETA and collapse monitors."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from typing import Any, Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+class Writer:
+  """Writes scalar metrics to stdout, WORKDIR/metrics.jsonl and WORKDIR/tensorboard (process 0 only)."""
+
+  def __init__(self, workdir: str, enabled: bool | None = None):
+    self.enabled = jax.process_index() == 0 if enabled is None else enabled
+    self._tb = None
+    if self.enabled:
+      os.makedirs(workdir, exist_ok=True)
+      self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a", encoding="utf-8")
+      from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
+      self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+
+  def write(self, step: int, metrics: Mapping[str, Any]) -> None:
+    """Record `metrics` (scalars) at `step` in metrics.jsonl and TensorBoard."""
+    if not self.enabled:
+      return
+    row = {"step": int(step)}
+    for k, v in metrics.items():
+      v = np.asarray(v)
+      row[k] = v.item() if v.size == 1 else v.tolist()
+    self._jsonl.write(json.dumps(row) + "\n")
+    self._jsonl.flush()
+    for k, v in row.items():
+      if k != "step" and isinstance(v, (int, float)):
+        self._tb.add_scalar(k, v, int(step))
+    self._tb.flush()
+
+  def log(self, line: str) -> None:
+    """Print a progress line on process 0."""
+    if self.enabled:
+      print(line, flush=True)
+
+  def close(self) -> None:
+    """Flush and close the files."""
+    if self.enabled:
+      self._jsonl.close()
+      self._tb.close()
+
+
+class Throughput:
+  """Examples/s and ETA between successive log points."""
+
+  def __init__(self, global_batch_size: int, total_steps: int):
+    self.batch, self.total = global_batch_size, total_steps
+    self._t, self._step = None, None
+
+  def update(self, step: int) -> dict[str, float]:
+    """Rates since the previous call (empty on the first call)."""
+    now = time.perf_counter()
+    out = {}
+    if self._t is not None and step > self._step:
+      dt = (now - self._t) / (step - self._step)
+      out = {"examples_per_sec": self.batch / dt, "step_time_sec": dt,
+             "eta_sec": dt * (self.total - step)}
+    self._t, self._step = now, step
+    return out
+
+
+def format_line(step: int, total: int, metrics: Mapping[str, Any]) -> str:
+  """One human progress line: step/total, loss, lr, examples/s, ETA, other scalars."""
+  parts = [f"step {step}/{total}"]
+  order = ["train/loss", "train/lr", "examples_per_sec"]
+  for k in order + sorted(k for k in metrics if k not in order and k != "eta_sec"):
+    if k in metrics:
+      v = float(np.asarray(metrics[k]))
+      parts.append(f"{k.split('/')[-1]} {v:.4g}")
+  if "eta_sec" in metrics:
+    parts.append(f"ETA {time.strftime('%H:%M:%S', time.gmtime(float(metrics['eta_sec'])))}")
+  return " | ".join(parts)
+
+
+def embedding_std(z: jax.Array) -> jax.Array:
+  """Mean per-dimension std of L2-normalised embeddings: ~1/sqrt(d) healthy, -> 0 on collapse."""
+  z = z.astype(jnp.float32)
+  z = z / jnp.maximum(jnp.linalg.norm(z, axis=-1, keepdims=True), 1e-6)
+  return jnp.std(z, axis=0).mean()
+
+
+def rankme(z: jax.Array, eps: float = 1e-7) -> jax.Array:
+  """Effective rank (RankMe): exp of the entropy of the normalised singular values of the batch."""
+  s = jnp.linalg.svd(z.astype(jnp.float32), compute_uv=False)
+  p = s / (s.sum() + eps) + eps
+  return jnp.exp(-(p * jnp.log(p)).sum())

@@ -1,0 +1,126 @@
+"""Optimisers, learning-rate schedules, weight-decay masks and the teacher EMA transform."""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import optax
+from ml_collections import ConfigDict
+
+from sslvl_jax.errors import ConfigError
+from sslvl_jax.registry import Registry
+
+OPTIMIZERS: Registry = Registry("optimizer")
+
+
+def path_str(path: tuple) -> str:
+  """'image/blocks/0/attn/qkv/kernel' for a pytree key path."""
+  return "/".join(str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k)))) for k in path)
+
+
+def rule_mask(params: Any, rules: Sequence[tuple[str, Any]], default: Any) -> Any:
+  """Per-leaf value from the first `(regex, value)` rule whose regex matches the leaf's path."""
+  compiled = [(re.compile(r), v) for r, v in rules]
+
+  def pick(path, _):
+    name = path_str(path)
+    for rx, v in compiled:
+      if rx.search(name):
+        return v
+    return default
+  return jax.tree_util.tree_map_with_path(pick, params)
+
+
+def decay_mask(params: Any, no_decay_rules: Sequence[str] = ()) -> Any:
+  """True for leaves that get weight decay: matrices/kernels, not biases, norms or scalars."""
+  rules = [(r, False) for r in no_decay_rules]
+  by_rule = rule_mask(params, rules, True)
+  return jax.tree.map(lambda p, keep: bool(keep and p.ndim >= 2), params, by_rule)
+
+
+def warmup_cosine(base_lr: float, total_steps: int, warmup_steps: int, end_lr: float = 0.0,
+                  warmup_init_lr: float = 0.0) -> optax.Schedule:
+  """Linear warmup from `warmup_init_lr` to `base_lr`, then cosine to `end_lr` at `total_steps`."""
+  warmup_steps = min(warmup_steps, max(total_steps - 1, 0))
+  return optax.warmup_cosine_decay_schedule(
+      init_value=warmup_init_lr, peak_value=base_lr, warmup_steps=warmup_steps,
+      decay_steps=max(total_steps, warmup_steps + 1), end_value=end_lr)
+
+
+def cosine_ramp(start: float, end: float, total_steps: int) -> optax.Schedule:
+  """start -> end along a half cosine over `total_steps` (EMA momentum 0.996 -> 1, DINO wd 0.04 -> 0.4)."""
+  def fn(step):
+    t = jnp.clip(step / max(total_steps, 1), 0.0, 1.0)
+    return end - (end - start) * (jnp.cos(jnp.pi * t) + 1.0) / 2.0
+  return fn
+
+
+def base_lr(cfg: ConfigDict, global_batch_size: int) -> float:
+  """Learning rate from `lr` or `lr_per_256` (linear scaling) or `lr_sqrt` (x sqrt(batch))."""
+  given = [k for k in ("lr", "lr_per_256", "lr_sqrt") if cfg.get(k) is not None]
+  if len(given) != 1:
+    raise ConfigError(f"optim: set exactly one of lr, lr_per_256, lr_sqrt (got {given or 'none'})")
+  if given[0] == "lr":
+    return float(cfg.lr)
+  if given[0] == "lr_per_256":
+    return float(cfg.lr_per_256) * global_batch_size / 256
+  return float(cfg.lr_sqrt) * global_batch_size ** 0.5
+
+
+@OPTIMIZERS.register("adamw")
+def _adamw(cfg: ConfigDict, lr: optax.Schedule, mask: Callable) -> optax.GradientTransformation:
+  return optax.adamw(lr, b1=cfg.get("b1", 0.9), b2=cfg.get("b2", 0.999), eps=cfg.get("eps", 1e-8),
+                     weight_decay=cfg.get("weight_decay", 0.0), mask=mask)
+
+
+@OPTIMIZERS.register("sgd")
+def _sgd(cfg: ConfigDict, lr: optax.Schedule, mask: Callable) -> optax.GradientTransformation:
+  return optax.chain(optax.add_decayed_weights(cfg.get("weight_decay", 0.0), mask),
+                     optax.sgd(lr, momentum=cfg.get("momentum", 0.9), nesterov=cfg.get("nesterov", False)))
+
+
+@OPTIMIZERS.register("lars")
+def _lars(cfg: ConfigDict, lr: optax.Schedule, mask: Callable) -> optax.GradientTransformation:
+  # BYOL/SimCLR LARS: decay added to the gradient, trust ratio eta*|p|/|g|, momentum after it;
+  # biases and norms are excluded from both decay and adaptation (the same mask).
+  return optax.lars(lr, weight_decay=cfg.get("weight_decay", 0.0), weight_decay_mask=mask,
+                    trust_coefficient=cfg.get("trust_coefficient", 1e-3), eps=0.0,
+                    trust_ratio_mask=mask, momentum=cfg.get("momentum", 0.9),
+                    nesterov=cfg.get("nesterov", False))
+
+
+def build(cfg: ConfigDict, params: Any, *, total_steps: int, global_batch_size: int
+          ) -> tuple[optax.GradientTransformation, optax.Schedule]:
+  """The optimiser of a config: clipping, the named optimiser with its schedule and decay mask."""
+  lr = warmup_cosine(base_lr(cfg, global_batch_size), total_steps, cfg.get("warmup_steps", 0),
+                     end_lr=cfg.get("end_lr", 0.0))
+  mask = decay_mask(params, cfg.get("no_decay_rules", ()))
+  parts = []
+  if cfg.get("clip_grad_norm"):
+    parts.append(optax.clip_by_global_norm(cfg.clip_grad_norm))
+  parts.append(OPTIMIZERS.get(cfg.name)(cfg, lr, mask))
+  return optax.chain(*parts), lr
+
+
+def teacher_ema(momentum: optax.Schedule | float) -> optax.GradientTransformation:
+  """EMA of the student as an optax transformation; its state IS the teacher.
+
+  `update(student_params, state)` moves `state.ema` towards the student with the (scheduled)
+  momentum. Call `seed_teacher` to start the state at the student (optax.ema starts at zeros).
+  """
+  return optax.inject_hyperparams(optax.ema, static_args=("debias",))(decay=momentum, debias=False)
+
+
+def seed_teacher(tx: optax.GradientTransformation, params: Any) -> Any:
+  """EMA state whose teacher params equal `params` (a copy)."""
+  state = tx.init(params)
+  inner = state.inner_state._replace(ema=jax.tree.map(jnp.array, params))
+  return state._replace(inner_state=inner)
+
+
+def teacher_params(ema_state: Any) -> Any:
+  """The teacher params held in an EMA state made by `teacher_ema`."""
+  return ema_state.inner_state.ema
