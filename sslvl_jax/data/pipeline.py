@@ -19,17 +19,22 @@ def make_dataset(source: Any, transform: Callable[[dict, np.random.Generator], d
                  ) -> grain.IterDataset:
   """Per-process, batched grain dataset over a random-access `source`.
 
-  Training: this process's slice of the source, reshuffled every epoch, repeated forever, with
-  per-example randomness derived from (seed, position), so the stream is exactly reproducible
-  and resumable from the iterator state. Evaluation: one ordered pass; the last partial batch kept.
+  Training: the whole source is reshuffled every epoch and repeated forever, with per-example
+  randomness derived from (seed, position); the stream is cut into local batches and process p
+  takes batches p, p + P, p + 2P, ... So global batch s holds the same examples in the same order
+  whatever the number of processes, each process decodes only its own examples, and the stream
+  resumes exactly from the iterator state. Evaluation: this process's slice, one ordered pass,
+  the last partial batch kept.
   """
   pid = jax.process_index() if process_index is None else process_index
   nproc = jax.process_count() if process_count is None else process_count
-  ds = grain.MapDataset.source(source)[pid::nproc]
+  ds = grain.MapDataset.source(source)
   if train:
     ds = ds.shuffle(seed=seed).repeat()
-  ds = ds.random_map(transform, seed=seed)
-  ds = ds.batch(local_batch_size, drop_remainder=train)
+    ds = ds.random_map(transform, seed=seed).batch(local_batch_size, drop_remainder=True)
+    ds = ds[pid::nproc]
+  else:
+    ds = ds[pid::nproc].random_map(transform, seed=seed).batch(local_batch_size)
   it = ds.to_iter_dataset(grain.ReadOptions(num_threads=4, prefetch_buffer_size=8))
   if worker_count:
     it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count))

@@ -57,22 +57,32 @@ class Evaluator:
     return self.method.image_features(model, extras, images).astype(jnp.float32)
 
   def features(self, model: nnx.Module, extras: Any, split: str) -> tuple[np.ndarray, np.ndarray]:
-    """(features, labels) of every example of `split`, batched and sharded over the mesh."""
+    """(features, labels) of every example of `split`, batched and sharded over the mesh.
+
+    Every process runs the same number of batches (zero-padded, with a validity mask), so the
+    collectives line up on multi-host; rows come back grouped by process.
+    """
     source = data.source(self.data_cfg, split)
-    ds = data.make_dataset(source, data.example_transform(self.data_cfg, "image_label", train=False),
-                           local_batch_size=self.batch_size // jax.process_count(), seed=0,
-                           train=False)
+    transform = data.example_transform(self.data_cfg, "image_label", train=False)
+    nproc = jax.process_count()
+    local_bs = self.batch_size // nproc
+    n_batches = -(-(-(-len(source) // nproc)) // local_bs)
+    it = iter(data.make_dataset(source, transform, local_batch_size=local_bs, seed=0, train=False))
+    blank = transform(source[0], np.random.default_rng(0))["image"]
     _, params, model_state = nnx.split(model, nnx.Param, ...)
     feats, labels = [], []
-    for local in ds:
+    for _ in range(n_batches):
+      local = next(it, {"image": blank[None][:0], "label": np.zeros((0,), np.int32)})
       n = len(local["label"])
-      pad = self.batch_size // jax.process_count() - n
-      images = np.concatenate([local["image"], np.zeros((pad,) + local["image"].shape[1:],
-                                                         local["image"].dtype)])
+      images = np.zeros((local_bs,) + blank.shape, blank.dtype)
+      images[:n] = local["image"]
+      lab = np.full((local_bs,), -1, np.int64)
+      lab[:n] = local["label"]
       g = parallel.host_to_global(self.mesh, {"image": images})
-      f = multihost_gather(self._features(params, model_state, extras, g["image"]))
-      feats.append(f.reshape(jax.process_count(), -1, f.shape[-1])[:, :n].reshape(-1, f.shape[-1]))
-      labels.append(multihost_gather_labels(local["label"], pad))
+      f = gather(self._features(params, model_state, extras, g["image"]))
+      valid = gather(np.arange(local_bs) < n)
+      feats.append(f[valid])
+      labels.append(gather(lab)[valid])
     return np.concatenate(feats), np.concatenate(labels)
 
   def settings(self) -> dict:
@@ -81,22 +91,14 @@ class Evaluator:
             "data": self.data_cfg.to_dict()}
 
 
-def multihost_gather(x: jax.Array) -> np.ndarray:
-  """A global array as numpy on every host."""
+def gather(x: Any) -> np.ndarray:
+  """A global jax.Array, or each process's numpy array concatenated in process order, on every host."""
   from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-  if jax.process_count() == 1:
+  if isinstance(x, jax.Array) and not x.is_fully_addressable:
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+  if isinstance(x, jax.Array) or jax.process_count() == 1:
     return np.asarray(jax.device_get(x))
   return np.asarray(multihost_utils.process_allgather(x, tiled=True))
-
-
-def multihost_gather_labels(labels: np.ndarray, pad: int) -> np.ndarray:
-  """Each process's labels concatenated in process order."""
-  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-  if jax.process_count() == 1:
-    return np.asarray(labels)
-  padded = np.concatenate([labels, np.full((pad,), -1, labels.dtype)])
-  allp = np.asarray(multihost_utils.process_allgather(padded))
-  return allp[allp >= 0] if pad else allp.reshape(-1)
 
 
 @EVALUATORS.register("zero_shot")
