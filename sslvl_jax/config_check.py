@@ -20,8 +20,8 @@ def validate(config: ConfigDict) -> None:
   data.SOURCES.get(config.data.name)
   if not isinstance(config.global_batch_size, int) or config.global_batch_size <= 0:
     raise ConfigError(f"global_batch_size must be a positive integer, got {config.global_batch_size!r}")
-  if config.get("total_steps") is None and config.get("total_epochs") is None:
-    raise ConfigError("set total_steps or total_epochs")
+  if all(config.get(f"total_{u}") is None for u in ("steps", "epochs", "examples")):
+    raise ConfigError("set total_steps, total_epochs or total_examples")
   for name, ev in config.get("evals", {}).items():
     if "type" not in ev:
       raise ConfigError(f"evals.{name} has no 'type'; known: {', '.join(EVALUATORS.names())}")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import os
@@ -22,17 +23,21 @@ from sslvl_jax.errors import ConfigError
 from sslvl_jax.methods.base import Method, TrainState
 
 
-def to_steps(cfg: ConfigDict, name: str, steps_per_epoch: float, default: int | None = None) -> int:
-  """Resolve a duration given as `<name>_steps` or `<name>_epochs` to steps (the one conversion)."""
-  steps, epochs = cfg.get(f"{name}_steps"), cfg.get(f"{name}_epochs")
-  if steps is not None and epochs is not None:
-    raise ConfigError(f"set only one of {name}_steps and {name}_epochs")
-  if steps is not None:
-    return int(steps)
-  if epochs is not None:
-    return int(round(epochs * steps_per_epoch))
+def to_steps(cfg: ConfigDict, name: str, steps_per_epoch: float, global_batch_size: int,
+             default: int | None = None) -> int:
+  """Resolve `<name>_steps`, `<name>_epochs` or `<name>_examples` to steps (the one conversion)."""
+  given = {u: cfg.get(f"{name}_{u}") for u in ("steps", "epochs", "examples")}
+  given = {u: v for u, v in given.items() if v is not None}
+  if len(given) > 1:
+    raise ConfigError(f"set only one of {', '.join(f'{name}_{u}' for u in given)}")
+  if "steps" in given:
+    return int(given["steps"])
+  if "epochs" in given:
+    return int(round(given["epochs"] * steps_per_epoch))
+  if "examples" in given:
+    return int(round(given["examples"] / global_batch_size))
   if default is None:
-    raise ConfigError(f"set {name}_steps or {name}_epochs in the config")
+    raise ConfigError(f"set {name}_steps, {name}_epochs or {name}_examples in the config")
   return default
 
 
@@ -97,6 +102,7 @@ def make_train_step(method: Method, tx: optax.GradientTransformation, schedule, 
 
 def run(config: ConfigDict, workdir: str) -> dict[str, float]:
   """Train `config` in `workdir` (resuming if it holds a checkpoint); returns the final metrics."""
+  config = copy.deepcopy(config)
   mesh = parallel.make_mesh(config.get("num_devices"))
   parallel.check_batch_divides(config.global_batch_size, mesh)
   writer = metrics.Writer(workdir)
@@ -107,8 +113,12 @@ def run(config: ConfigDict, workdir: str) -> dict[str, float]:
   method = methods.get(config.method)(config, mesh)
   train_source = data.source(config.data, "train")
   steps_per_epoch = len(train_source) / config.global_batch_size
-  total_steps = to_steps(config, "total", steps_per_epoch)
-  config.optim.warmup_steps = to_steps(config.optim, "warmup", steps_per_epoch, default=0)
+  total_steps = to_steps(config, "total", steps_per_epoch, config.global_batch_size)
+  warmup = to_steps(config.optim, "warmup", steps_per_epoch, config.global_batch_size, default=0)
+  with config.unlocked():
+    for unit in ("epochs", "examples"):
+      config.optim.pop(f"warmup_{unit}", None)
+    config.optim.warmup_steps = warmup
   local_bs = config.global_batch_size // jax.process_count()
   dataset = data.make_dataset(
       train_source, data.example_transform(config.data, method.example, train=True),

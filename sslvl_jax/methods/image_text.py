@@ -33,14 +33,14 @@ class ImageText(Method):
   def build_model(self, rngs: nnx.Rngs) -> nnx.Module:
     cfg = self.config.model
     dtype = models.dtype_of(cfg.get("dtype", "float32"))
-    tok_spec = data.tokenizer_spec(self.config.data)
     image = models.build(cfg.image.name, rngs=rngs, dtype=dtype,
                          **{k: v for k, v in cfg.image.items() if k != "name"})
     text_kw = {k: v for k, v in cfg.text.items() if k != "name"}
-    text_kw.setdefault("vocab_size", tokenizer(tok_spec).vocab_size)
-    text_kw.setdefault("context_length", tok_spec.context_length)
-    text_kw.setdefault("eot_id", tok_spec.eot_id)
-    text_kw.setdefault("pad_id", tok_spec.pad_id)
+    if "vocab_size" not in text_kw:  # from the tokenizer, so the two cannot disagree
+      tok_spec = data.tokenizer_spec(self.config.data)
+      text_kw.update(vocab_size=tokenizer(tok_spec).vocab_size, eot_id=tok_spec.eot_id,
+                     pad_id=tok_spec.pad_id)
+    text_kw.setdefault("context_length", self.config.data.context_length)
     text = models.build(cfg.text.name, rngs=rngs, dtype=dtype, **text_kw)
     return models.TwoTower(image, text, image_width=models.width_of(image),
                            text_width=models.width_of(text), embed_dim=cfg.embed_dim,

@@ -1,0 +1,85 @@
+"""Train-step throughput of a recipe on synthetic batches: step time, examples/s, FLOPs, MFU.
+
+  python benchmarks/throughput.py --config=configs/clip_vitb16.py --batch_per_device=256 \
+      --peak_tflops=989 [--config.model.image.attention_impl=xla]
+
+Model FLOPs per example come from XLA's cost analysis of the compiled train step (forward +
+backward + optimiser), so they count what actually runs. MFU = achieved FLOP/s / (peak x devices).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import app, flags
+from ml_collections import config_flags
+
+from sslvl_jax import methods, optim, parallel, train
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "recipe config")
+_BPD = flags.DEFINE_integer("batch_per_device", 32, "examples per device")
+_STEPS = flags.DEFINE_integer("steps", 10, "timed steps (after 2 warm-up steps)")
+_PEAK = flags.DEFINE_float("peak_tflops", 0.0, "peak dense TFLOP/s of one device, for MFU")
+_VOCAB = flags.DEFINE_integer("vocab_size", 32000, "text vocabulary size for synthetic tokens")
+
+
+def synthetic_batch(config, global_batch: int, mesh) -> dict:
+  """Random uint8 images and token ids of the recipe's shapes, sharded over the mesh."""
+  rng = np.random.default_rng(0)
+  s, ctx = config.data.image_size, config.data.context_length
+  local = global_batch // jax.process_count()
+  batch = {"image": rng.integers(0, 256, (local, s, s, 3), dtype=np.uint8),
+           "tokens": np.zeros((local, ctx), np.int32), "label": np.zeros((local,), np.int32)}
+  lengths = rng.integers(2, ctx, local)
+  for i, n in enumerate(lengths):
+    batch["tokens"][i, :n] = rng.integers(4, _VOCAB.value, n)
+    batch["tokens"][i, n - 1] = 3  # EOT
+  return parallel.host_to_global(mesh, batch)
+
+
+def main(argv):
+  del argv
+  config = _CONFIG.value
+  mesh = parallel.make_mesh()
+  n_dev = mesh.devices.size
+  gbs = _BPD.value * n_dev
+  with config.unlocked():
+    config.global_batch_size = gbs
+    if "text" in config.model:
+      config.model.text.vocab_size = _VOCAB.value
+      config.model.text.eot_id = 3
+  method = methods.get(config.method)(config, mesh)
+  builder = lambda p: optim.build(config.optim, p, total_steps=1000, global_batch_size=gbs)  # noqa
+  state, (tx, schedule) = train.init_state(method, builder, jax.random.key(0), mesh)
+  step = train.make_train_step(method, tx, schedule, mesh)
+  batch = synthetic_batch(config, gbs, mesh)
+  rng = jax.random.key(1)
+  compiled = step.lower(state, batch, rng).compile()
+  cost = compiled.cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  flops_per_step = float(cost.get("flops", 0.0)) * n_dev  # cost analysis is per device
+  for _ in range(2):
+    state, m = compiled(state, batch, rng)
+  jax.block_until_ready(m)
+  t0 = time.perf_counter()
+  for _ in range(_STEPS.value):
+    state, m = compiled(state, batch, rng)
+  jax.block_until_ready(m)
+  dt = (time.perf_counter() - t0) / _STEPS.value
+  out = {"config": config.method, "image_model": config.model.image.name, "devices": n_dev,
+         "device_kind": jax.devices()[0].device_kind, "global_batch": gbs,
+         "attention_impl": config.model.image.get("attention_impl"), "dtype": config.model.dtype,
+         "step_time_s": dt, "examples_per_s": gbs / dt, "examples_per_s_per_device": gbs / dt / n_dev,
+         "model_gflops_per_example": flops_per_step / gbs / 1e9}
+  if _PEAK.value:
+    out["mfu"] = flops_per_step / dt / (_PEAK.value * 1e12 * n_dev)
+  print(json.dumps(out, indent=1))
+
+
+if __name__ == "__main__":
+  flags.mark_flags_as_required(["config"])
+  app.run(main)

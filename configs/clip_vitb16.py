@@ -1,0 +1,42 @@
+"""CLIP ViT-B/16 (Radford et al. 2021; open_clip's recipe) on an image-text corpus.
+
+  python -m sslvl_jax.main --config=configs/clip_vitb16.py --workdir=DIR \
+      --config.data.shards='/data/laion400m/{00000..41407}.tar'
+
+`:smoke` shrinks it to a few steps on the built-in digits.
+"""
+
+from ml_collections import ConfigDict
+
+from configs import common
+
+
+def get_config(arg: str | None = None) -> ConfigDict:
+  c = ConfigDict()
+  c.method = "clip"
+  c.seed = 0
+  c.global_batch_size = 32768
+  c.total_examples = 12_800_000_000        # 32 epochs of 400M pairs
+  c.log_every_steps = 100
+  c.checkpoint_every_steps = 2000
+
+  c.data = ConfigDict(dict(
+      name="webdataset", shards="", image_size=224, tokenizer="", context_length=77,
+      worker_count=16, mean=common.CLIP_MEAN, std=common.CLIP_STD))
+  c.model = ConfigDict(dict(
+      image=dict(name="vit_b16", image_size=224, pre_norm=True, patch_bias=False, ln_eps=1e-5,
+                 attention_impl="cudnn"),
+      text=dict(name="text_b"),
+      embed_dim=512, dtype="bfloat16"))
+  c.loss = ConfigDict(dict(logit_scale_init=2.6592600369644043,  # log(1 / 0.07)
+                           max_logit_scale=100.0))
+  c.optim = ConfigDict(dict(name="adamw", lr=5e-4, b1=0.9, b2=0.98, eps=1e-6, weight_decay=0.2,
+                            warmup_steps=10_000, clip_grad_norm=None))
+  c.evals = ConfigDict(dict(
+      imagenet_zero_shot=dict(type="zero_shot", data=dict(name="tfds", dataset="imagenet2012",
+                                                          split="validation"),
+                              split="validation", classnames="imagenet", templates="imagenet",
+                              every_steps=10_000, batch_size=1024)))
+  if arg == "smoke":
+    common.shrink_to_smoke(c)
+  return c

@@ -1,0 +1,42 @@
+"""SigLIP ViT-B/16 (Zhai et al. 2023): pairwise sigmoid loss, t' = log 10, b = -10.
+
+  python -m sslvl_jax.main --config=configs/siglip_vitb16.py --workdir=DIR \
+      --config.data.shards='/data/webli/{00000..99999}.tar'
+
+Paper settings: batch 32k, AdamW lr 1e-3, weight decay 1e-4, beta2 0.95 (stabilises training),
+224 px, 16 text tokens, 32k SentencePiece vocabulary. `:smoke` shrinks it to the built-in digits.
+"""
+
+from ml_collections import ConfigDict
+
+from configs import common
+
+
+def get_config(arg: str | None = None) -> ConfigDict:
+  c = ConfigDict()
+  c.method = "siglip"
+  c.seed = 0
+  c.global_batch_size = 32768
+  c.total_examples = 9_000_000_000          # the paper's 9B-example B/16 runs
+  c.log_every_steps = 100
+  c.checkpoint_every_steps = 2000
+
+  c.data = ConfigDict(dict(
+      name="webdataset", shards="", image_size=224, tokenizer="", context_length=16,
+      worker_count=16, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5)))
+  c.model = ConfigDict(dict(
+      image=dict(name="vit_b16", image_size=224, pool="mean", attention_impl="cudnn"),
+      text=dict(name="text_b", width=768, num_heads=12, pool="last_nonpad"),
+      embed_dim=768, dtype="bfloat16"))
+  c.loss = ConfigDict(dict(logit_scale_init=2.302585092994046,   # log 10
+                           logit_bias_init=-10.0, max_logit_scale=None))
+  c.optim = ConfigDict(dict(name="adamw", lr=1e-3, b1=0.9, b2=0.95, eps=1e-8, weight_decay=1e-4,
+                            warmup_steps=5_000, clip_grad_norm=1.0))
+  c.evals = ConfigDict(dict(
+      imagenet_zero_shot=dict(type="zero_shot", data=dict(name="tfds", dataset="imagenet2012",
+                                                          split="validation"),
+                              split="validation", classnames="imagenet", templates="imagenet",
+                              every_steps=10_000, batch_size=1024)))
+  if arg == "smoke":
+    common.shrink_to_smoke(c)
+  return c
