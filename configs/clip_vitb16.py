@@ -1,7 +1,7 @@
 """CLIP ViT-B/16 (Radford et al. 2021; open_clip's recipe) on an image-text corpus.
 
   python -m sslvl_jax.main --config=configs/clip_vitb16.py --workdir=DIR \
-      --config.data.shards='/data/laion400m/{00000..41407}.tar'
+      --config.data.splits.train="/data/laion400m/{00000..41407}.tar" --config.data.tokenizer=tok.model
 
 `:smoke` shrinks it to a few steps on the built-in digits.
 """
@@ -21,7 +21,7 @@ def get_config(arg: str | None = None) -> ConfigDict:
   c.checkpoint_every_steps = 2000
 
   c.data = ConfigDict(dict(
-      name="webdataset", shards="", image_size=224, tokenizer="", context_length=77,
+      name="webdataset", splits=dict(train=""), image_size=224, tokenizer="", context_length=77,
       worker_count=16, mean=common.CLIP_MEAN, std=common.CLIP_STD))
   c.model = ConfigDict(dict(
       image=dict(name="vit_b16", image_size=224, pre_norm=True, patch_bias=False, ln_eps=1e-5,
@@ -33,9 +33,8 @@ def get_config(arg: str | None = None) -> ConfigDict:
   c.optim = ConfigDict(dict(name="adamw", lr=5e-4, b1=0.9, b2=0.98, eps=1e-6, weight_decay=0.2,
                             warmup_steps=10_000, clip_grad_norm=None))
   c.evals = ConfigDict(dict(
-      imagenet_zero_shot=dict(type="zero_shot", data=dict(name="tfds", dataset="imagenet2012",
-                                                          split="validation"),
-                              split="validation", classnames="imagenet", templates="imagenet",
+      imagenet_zero_shot=dict(type="zero_shot", split="validation",
+                              data=dict(name="tfds", dataset="imagenet2012", image_size=224), classnames="imagenet", templates="imagenet",
                               every_steps=10_000, batch_size=1024)))
   if arg == "smoke":
     common.shrink_to_smoke(c)

@@ -1,7 +1,7 @@
 """SigLIP ViT-B/16 (Zhai et al. 2023): pairwise sigmoid loss, t' = log 10, b = -10.
 
   python -m sslvl_jax.main --config=configs/siglip_vitb16.py --workdir=DIR \
-      --config.data.shards='/data/webli/{00000..99999}.tar'
+      --config.data.splits.train="/data/webli/{00000..99999}.tar" --config.data.tokenizer=tok.model
 
 Paper settings: batch 32k, AdamW lr 1e-3, weight decay 1e-4, beta2 0.95 (stabilises training),
 224 px, 16 text tokens, 32k SentencePiece vocabulary. `:smoke` shrinks it to the built-in digits.
@@ -22,7 +22,7 @@ def get_config(arg: str | None = None) -> ConfigDict:
   c.checkpoint_every_steps = 2000
 
   c.data = ConfigDict(dict(
-      name="webdataset", shards="", image_size=224, tokenizer="", context_length=16,
+      name="webdataset", splits=dict(train=""), image_size=224, tokenizer="", context_length=16,
       worker_count=16, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5)))
   c.model = ConfigDict(dict(
       image=dict(name="vit_b16", image_size=224, pool="mean", attention_impl="cudnn"),
@@ -33,9 +33,8 @@ def get_config(arg: str | None = None) -> ConfigDict:
   c.optim = ConfigDict(dict(name="adamw", lr=1e-3, b1=0.9, b2=0.95, eps=1e-8, weight_decay=1e-4,
                             warmup_steps=5_000, clip_grad_norm=1.0))
   c.evals = ConfigDict(dict(
-      imagenet_zero_shot=dict(type="zero_shot", data=dict(name="tfds", dataset="imagenet2012",
-                                                          split="validation"),
-                              split="validation", classnames="imagenet", templates="imagenet",
+      imagenet_zero_shot=dict(type="zero_shot", split="validation",
+                              data=dict(name="tfds", dataset="imagenet2012", image_size=224), classnames="imagenet", templates="imagenet",
                               every_steps=10_000, batch_size=1024)))
   if arg == "smoke":
     common.shrink_to_smoke(c)

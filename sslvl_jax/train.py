@@ -64,6 +64,21 @@ class StopSignal:
     signal.signal(signal.SIGTERM, self._previous)
 
 
+def process_sum(values: list[int]) -> list[int]:
+  """Sum host-side counters over processes."""
+  if jax.process_count() == 1:
+    return values
+  return np.asarray(multihost_utils.process_allgather(np.asarray(values))).sum(0).tolist()
+
+
+def check_skips(skipped: int, seen: int, max_fraction: float) -> None:
+  """Stop with a clear error when too many records were unreadable."""
+  if seen >= 1000 and skipped > max_fraction * seen:
+    raise RuntimeError(
+        f"{skipped} of {seen} records were unreadable (> data.max_skip_fraction={max_fraction}); "
+        "see the 'skipping unreadable record' log lines for the keys")
+
+
 def init_state(method: Method, tx_builder, rng: jax.Array, mesh) -> tuple[TrainState, Any]:
   """Create the replicated TrainState directly on the mesh; returns (state, lr schedule)."""
   params, model_state = method.init_model(rng)  # sets method.graphdef (host, cheap for tiny models)
@@ -92,6 +107,7 @@ def make_train_step(method: Method, tx: optax.GradientTransformation, schedule, 
     out.update({"train/loss": loss, "train/lr": schedule(state.step),
                 "train/grad_norm": optax.global_norm(grads),
                 "train/param_norm": optax.global_norm(params)})
+
     new = TrainState(step=state.step + 1, params=params, opt_state=opt_state,
                      model_state=model_state, extras=extras)
     return new, out
@@ -142,6 +158,7 @@ def run(config: ConfigDict, workdir: str) -> dict[str, float]:
   stop = StopSignal()
   log_every, ckpt_every = config.get("log_every_steps", 10), config.get("checkpoint_every_steps", 1000)
   step, last = start, {}
+  max_skip = config.data.get("max_skip_fraction", 0.05)
   throughput.update(step)
   try:
     while step < total_steps:
@@ -154,6 +171,9 @@ def run(config: ConfigDict, workdir: str) -> dict[str, float]:
           raise FloatingPointError(
               f"non-finite {bad} at step {step}; the last good checkpoint is step "
               f"{ckpt.latest_step()} in {ckpt.directory} (not overwritten)")
+        skipped, seen = process_sum([batches.skipped, batches.seen])
+        check_skips(skipped, seen, max_skip)
+        m["data/skipped"] = skipped
         m.update(throughput.update(step))
         writer.write(step, m)
         writer.log(metrics.format_line(step, total_steps, m))

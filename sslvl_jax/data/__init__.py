@@ -7,7 +7,8 @@ from typing import Any
 
 from ml_collections import ConfigDict
 
-from sslvl_jax.data import builtin
+from sslvl_jax.data import builtin, sources
+from sslvl_jax.errors import ConfigError
 from sslvl_jax.data.examples import EXAMPLES
 from sslvl_jax.data.pipeline import GlobalBatches, Transform, make_dataset
 from sslvl_jax.data.tokenizer import TokenizerSpec
@@ -16,9 +17,49 @@ from sslvl_jax.registry import Registry
 SOURCES: Registry = Registry("data source")
 
 
+def split_location(cfg: ConfigDict, split: str) -> str:
+  """`data.splits[split]`: a folder, file, shard pattern or TFDS split string."""
+  splits = cfg.get("splits") or {}
+  if split not in splits:
+    raise ConfigError(f"data.splits has no {split!r} entry (has: {sorted(splits)}); set "
+                      f"--config.data.splits.{split}=PATH")
+  return splits[split]
+
+
 @SOURCES.register("digits")
 def _digits(cfg: ConfigDict, split: str) -> builtin.DigitsSource:
   return builtin.DigitsSource(split, image_size=cfg.image_size)
+
+
+@SOURCES.register("image_folder")
+def _image_folder(cfg: ConfigDict, split: str) -> sources.ImageFolder:
+  return sources.ImageFolder(split_location(cfg, split))
+
+
+@SOURCES.register("csv")
+def _csv(cfg: ConfigDict, split: str) -> sources.CaptionTable:
+  return sources.CaptionTable(split_location(cfg, split),
+                              image_column=cfg.get("image_column", "filepath"),
+                              caption_column=cfg.get("caption_column", "title"),
+                              root=cfg.get("image_root"), label_column=cfg.get("label_column"))
+
+
+@SOURCES.register("webdataset")
+def _webdataset(cfg: ConfigDict, split: str) -> sources.TarShards:
+  return sources.TarShards(split_location(cfg, split), text_ext=cfg.get("text_ext", "txt"))
+
+
+@SOURCES.register("arrayrecord")
+def _arrayrecord(cfg: ConfigDict, split: str) -> sources.ArrayRecords:
+  return sources.ArrayRecords(split_location(cfg, split))
+
+
+@SOURCES.register("tfds")
+def _tfds(cfg: ConfigDict, split: str) -> sources.Tfds:
+  tfds_split = (cfg.get("splits") or {}).get(split, split)
+  return sources.Tfds(cfg.dataset, tfds_split, data_dir=cfg.get("data_dir"),
+                      image_key=cfg.get("image_key", "image"), label_key=cfg.get("label_key", "label"),
+                      text_key=cfg.get("text_key"))
 
 
 def tokenizer_spec(cfg: ConfigDict) -> TokenizerSpec:

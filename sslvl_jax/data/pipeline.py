@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
 from typing import Any, Callable, Iterator
 
 import grain
@@ -28,13 +29,14 @@ def make_dataset(source: Any, transform: Callable[[dict, np.random.Generator], d
   """
   pid = jax.process_index() if process_index is None else process_index
   nproc = jax.process_count() if process_count is None else process_count
-  ds = grain.MapDataset.source(source)
+  read = ReadExample(source, transform, max_retries=16 if train else 1)
+  ds = grain.MapDataset.range(len(source))
   if train:
     ds = ds.shuffle(seed=seed).repeat()
-    ds = ds.random_map(transform, seed=seed).batch(local_batch_size, drop_remainder=True)
+    ds = ds.random_map(read, seed=seed).batch(local_batch_size, drop_remainder=True)
     ds = ds[pid::nproc]
   else:
-    ds = ds[pid::nproc].random_map(transform, seed=seed).batch(local_batch_size)
+    ds = ds[pid::nproc].random_map(read, seed=seed).batch(local_batch_size)
   it = ds.to_iter_dataset(grain.ReadOptions(num_threads=4, prefetch_buffer_size=8))
   if worker_count:
     it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count))
@@ -47,13 +49,51 @@ class GlobalBatches:
   def __init__(self, dataset: grain.IterDataset, mesh: Mesh):
     self.mesh = mesh
     self.grain_iter = iter(dataset)
+    self.skipped = 0  # unreadable records passed over by this process since start/resume
+    self.seen = 0
 
   def __iter__(self) -> Iterator[dict]:
     return self
 
   def __next__(self) -> dict:
     local = next(self.grain_iter)
-    return parallel.host_to_global(self.mesh, {k: v for k, v in local.items() if k != "key"})
+    if "skipped" in local:
+      self.skipped += int(np.sum(local["skipped"]))
+    self.seen += len(next(iter(local.values())))
+    drop = ("key", "skipped")
+    return parallel.host_to_global(self.mesh, {k: v for k, v in local.items() if k not in drop})
+
+
+@dataclasses.dataclass(frozen=True)
+class ReadExample:
+  """Reads record `index` and applies the host transform; a bad record is skipped, not fatal.
+
+  A corrupt, truncated or missing record is logged with its key and replaced by the next index
+  (deterministically, so resumption stays exact); `skipped` in the example counts the records
+  passed over, which the train loop sums into `data/skipped` and checks against
+  `data.max_skip_fraction`.
+  """
+
+  source: Any
+  transform: Callable[[dict, np.random.Generator], dict]
+  max_retries: int = 16
+
+  def __call__(self, index: int, rng: np.random.Generator) -> dict:
+    n = len(self.source)
+    errors = []
+    for attempt in range(self.max_retries):
+      i = (int(index) + attempt) % n
+      try:
+        example = self.transform(self.source[i], rng)
+      except Exception as e:  # pylint: disable=broad-except  # any unreadable record is skipped
+        key = self.source.key(i) if hasattr(self.source, "key") else f"index {i}"
+        logging.warning("skipping unreadable record %s: %s: %s", key, type(e).__name__, e)
+        errors.append(f"{key}: {type(e).__name__}: {e}")
+        continue
+      example["skipped"] = np.int32(attempt)
+      return example
+    raise RuntimeError(f"{self.max_retries} consecutive unreadable records starting at index "
+                       f"{index}; the data looks broken. Errors: {errors[:3]}")
 
 
 @dataclasses.dataclass(frozen=True)

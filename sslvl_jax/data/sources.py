@@ -1,0 +1,251 @@
+"""Random-access data sources. Each yields records {'image' | 'image_bytes', 'text'?, 'label'?, 'key'}.
+
+Sources only read; decoding and transforms happen in the host transform, so a bad file surfaces
+in one place and is skipped there. All are picklable, for grain's worker processes.
+"""
+
+from __future__ import annotations
+
+import csv
+import glob
+import json
+import os
+import re
+import struct
+import tarfile
+from typing import Any, Iterable
+
+import numpy as np
+
+from sslvl_jax.errors import ConfigError
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+_BRACE = re.compile(r"\{([^{}]*)\}")
+
+
+def brace_expand(pattern: str) -> list[str]:
+  """Expand '{000..012}' zero-padded ranges and '{a,b}' alternatives (webdataset shard lists)."""
+  m = _BRACE.search(pattern)
+  if not m:
+    return [pattern]
+  body, head, tail = m.group(1), pattern[:m.start()], pattern[m.end():]
+  rng = re.fullmatch(r"(\d+)\.\.(\d+)", body)
+  if rng:
+    lo, hi = rng.groups()
+    items = [str(i).zfill(len(lo)) for i in range(int(lo), int(hi) + 1)]
+  else:
+    items = body.split(",")
+  return [x for item in items for x in brace_expand(head + item + tail)]
+
+
+def expand_paths(spec: str | Iterable[str]) -> list[str]:
+  """Files of a brace/glob pattern, a comma-free list, or a list of patterns; error if none."""
+  specs = [spec] if isinstance(spec, str) else list(spec)
+  out = []
+  for s in specs:
+    for p in brace_expand(os.path.expanduser(s)):
+      out.extend(sorted(glob.glob(p)) if any(c in p for c in "*?[") else [p])
+  if not out:
+    raise ConfigError(f"no files match {spec!r}")
+  missing = [p for p in out if not os.path.exists(p)]
+  if missing:
+    raise ConfigError(f"{len(missing)} of {len(out)} files do not exist, e.g. {missing[0]!r}")
+  return out
+
+
+def _read(path: str) -> bytes:
+  with open(path, "rb") as f:
+    return f.read()
+
+
+class ImageFolder:
+  """root/<class>/<image>: labels are the sorted class-folder names' indices."""
+
+  def __init__(self, root: str):
+    root = os.path.expanduser(root)
+    if not os.path.isdir(root):
+      raise ConfigError(f"image folder {root!r} does not exist; set data.root")
+    self.classes = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)))
+    if not self.classes:
+      raise ConfigError(f"image folder {root!r} has no class sub-folders (expected root/<class>/*.jpg)")
+    self.items = [(os.path.join(c, f), i) for i, c in enumerate(self.classes)
+                  for f in sorted(os.listdir(os.path.join(root, c)))
+                  if f.lower().endswith(IMAGE_EXTENSIONS)]
+    if not self.items:
+      raise ConfigError(f"image folder {root!r} has no images with extensions {IMAGE_EXTENSIONS}")
+    self.root = root
+
+  def __len__(self) -> int:
+    return len(self.items)
+
+  def key(self, index: int) -> str:
+    """The record's relative path."""
+    return self.items[index][0]
+
+  def __getitem__(self, index: int) -> dict:
+    rel, label = self.items[index]
+    return {"image_bytes": _read(os.path.join(self.root, rel)), "label": label, "key": rel}
+
+
+class CaptionTable:
+  """open_clip-style CSV/TSV: an image-path column and a caption column (paths relative to `root`)."""
+
+  def __init__(self, path: str, *, image_column: str = "filepath", caption_column: str = "title",
+               root: str | None = None, label_column: str | None = None):
+    path = os.path.expanduser(path)
+    if not os.path.isfile(path):
+      raise ConfigError(f"caption table {path!r} does not exist; set data.path")
+    delim = "\t" if path.endswith((".tsv", ".tab")) else ","
+    with open(path, encoding="utf-8", newline="") as f:
+      reader = csv.DictReader(f, delimiter=delim)
+      cols = reader.fieldnames or []
+      for c in (image_column, caption_column) + ((label_column,) if label_column else ()):
+        if c not in cols:
+          raise ConfigError(f"{path} has no column {c!r} (columns: {cols}); set "
+                            "data.image_column / data.caption_column")
+      rows = [(r[image_column], r[caption_column], r[label_column] if label_column else None)
+              for r in reader]
+    self.root = os.path.expanduser(root) if root else os.path.dirname(os.path.abspath(path))
+    self.paths = [p for p, _, _ in rows]
+    self.captions = [c for _, c, _ in rows]
+    self.labels = [int(l) for _, _, l in rows] if label_column else None
+
+  def __len__(self) -> int:
+    return len(self.paths)
+
+  def key(self, index: int) -> str:
+    """The record's image path."""
+    return self.paths[index]
+
+  def __getitem__(self, index: int) -> dict:
+    if not self.captions[index].strip():
+      raise ValueError(f"empty caption for {self.paths[index]}")
+    rec = {"image_bytes": _read(os.path.join(self.root, self.paths[index])),
+           "text": self.captions[index], "key": self.paths[index]}
+    if self.labels is not None:
+      rec["label"] = self.labels[index]
+    return rec
+
+
+class TarShards:
+  """webdataset tar shards as written by img2dataset ({key}.jpg + {key}.txt), random access.
+
+  On first use each shard's member offsets are indexed (headers only) and cached in memory; at
+  LAION scale convert to ArrayRecord instead (`python -m sslvl_jax.data.convert`).
+  """
+
+  def __init__(self, shards: str | list[str], *, image_exts: tuple[str, ...] = ("jpg", "jpeg", "png",
+                                                                              "webp"),
+               text_ext: str = "txt", label_ext: str = "cls"):
+    self.shards = expand_paths(shards)
+    self.image_exts, self.text_ext, self.label_ext = image_exts, text_ext, label_ext
+    self.index: list[tuple[int, str, dict[str, tuple[int, int]]]] = []
+    for si, shard in enumerate(self.shards):
+      self.index.extend((si, key, members) for key, members in self._scan(shard))
+    if not self.index:
+      raise ConfigError(f"no samples with an image member in {shards!r}")
+
+  def _scan(self, shard: str) -> list[tuple[str, dict[str, tuple[int, int]]]]:
+    groups: dict[str, dict[str, tuple[int, int]]] = {}
+    try:
+      with tarfile.open(shard, "r:") as tar:
+        for m in tar:
+          if not m.isfile() or "." not in os.path.basename(m.name):
+            continue
+          base = os.path.basename(m.name)
+          key = os.path.join(os.path.dirname(m.name), base.split(".", 1)[0])
+          groups.setdefault(key, {})[base.split(".", 1)[1].lower()] = (m.offset_data, m.size)
+    except (tarfile.TarError, OSError) as e:  # a truncated shard keeps what was readable
+      import logging  # pylint: disable=g-import-not-at-top
+      logging.warning("shard %s is damaged after %d samples: %s", shard, len(groups), e)
+    return [(k, v) for k, v in groups.items() if any(e in v for e in self.image_exts)]
+
+  def __len__(self) -> int:
+    return len(self.index)
+
+  def key(self, index: int) -> str:
+    """shard:key of the record."""
+    si, key, _ = self.index[index]
+    return f"{self.shards[si]}:{key}"
+
+  def __getitem__(self, index: int) -> dict:
+    si, key, members = self.index[index]
+    with open(self.shards[si], "rb") as f:
+      def member(ext):
+        off, size = members[ext]
+        f.seek(off)
+        return f.read(size)
+      ext = next(e for e in self.image_exts if e in members)
+      rec = {"image_bytes": member(ext), "key": f"{os.path.basename(self.shards[si])}:{key}"}
+      if self.text_ext in members:
+        rec["text"] = member(self.text_ext).decode("utf-8").strip()
+      if self.label_ext in members:
+        rec["label"] = int(member(self.label_ext).decode().strip())
+    return rec
+
+
+def pack_record(rec: dict) -> bytes:
+  """Serialise a record for ArrayRecord: 4-byte header length, JSON header, raw image bytes."""
+  header = json.dumps({k: v for k, v in rec.items() if k not in ("image_bytes", "image")}).encode()
+  return struct.pack("<I", len(header)) + header + rec["image_bytes"]
+
+
+def unpack_record(blob: bytes) -> dict:
+  """Inverse of `pack_record`."""
+  (n,) = struct.unpack("<I", blob[:4])
+  rec = json.loads(blob[4:4 + n].decode())
+  rec["image_bytes"] = blob[4 + n:]
+  return rec
+
+
+class ArrayRecords:
+  """ArrayRecord shards written by `python -m sslvl_jax.data.convert` (random access, fastest)."""
+
+  def __init__(self, paths: str | list[str]):
+    import grain  # pylint: disable=g-import-not-at-top
+    self.paths = expand_paths(paths)
+    self.source = grain.sources.ArrayRecordDataSource(self.paths)
+
+  def __len__(self) -> int:
+    return len(self.source)
+
+  def key(self, index: int) -> str:
+    """The record's original key."""
+    return str(self[index].get("key", index))
+
+  def __getitem__(self, index: int) -> dict:
+    return unpack_record(self.source[index])
+
+
+class Tfds:
+  """A prepared TFDS dataset through `tfds.data_source` (ArrayRecord), with split slicing."""
+
+  def __init__(self, dataset: str, split: str, *, data_dir: str | None = None,
+               image_key: str = "image", label_key: str | None = "label",
+               text_key: str | None = None):
+    import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+    self.source = tfds.data_source(dataset, split=split, data_dir=data_dir, download=False)
+    self.name = f"{dataset}/{split}"
+    self.image_key, self.label_key, self.text_key = image_key, label_key, text_key
+
+  def __len__(self) -> int:
+    return len(self.source)
+
+  def key(self, index: int) -> str:
+    """dataset/split:index."""
+    return f"{self.name}:{index}"
+
+  def __getitem__(self, index: int) -> dict:
+    ex = self.source[index]
+    rec = {"image": np.asarray(ex[self.image_key]), "key": f"{self.name}:{index}"}
+    if self.label_key and self.label_key in ex:
+      rec["label"] = int(ex[self.label_key])
+    if self.text_key:
+      t = ex[self.text_key]
+      rec["text"] = t.decode("utf-8") if isinstance(t, bytes) else str(t)
+    return rec
+
+
+def describe(source: Any) -> dict[str, Any]:
+  """Size and kind of a source, for logs."""
+  return {"kind": type(source).__name__, "records": len(source)}
