@@ -34,7 +34,8 @@ def get_config(arg: str | None = None) -> ConfigDict:
                             warmup_steps=5_000, clip_grad_norm=1.0))
   c.evals = ConfigDict(dict(
       imagenet_zero_shot=dict(type="zero_shot", split="validation",
-                              data=dict(name="tfds", dataset="imagenet2012", image_size=224), classnames="imagenet", templates="imagenet",
+                              data=dict(name="tfds", dataset="imagenet2012", image_size=224),
+                              classnames="imagenet", templates="imagenet",
                               every_steps=10_000, batch_size=1024)))
   if arg == "smoke":
     common.shrink_to_smoke(c)
