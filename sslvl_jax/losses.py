@@ -3,13 +3,16 @@
 Every loss takes the LOCAL shard of the batch and an `axis_name`. Inside `jax.shard_map` over the
 data axis it gathers what it needs (with gradient) and returns the loss of the GLOBAL batch,
 identical on every device; with `axis_name=None` the same code is the single-device loss.
-Embeddings are expected to be L2-normalised where the method says so; losses never normalise.
+Embeddings are expected to be L2-normalised where the method says so; only BYOL, SimSiam and MoCo v3
+normalise inside, because their reference losses do (their docstrings say the inputs are raw).
+Statistics and softmaxes are computed in f32.
 """
 
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from sslvl_jax import parallel
 
@@ -67,3 +70,251 @@ def siglip_loss(img: jax.Array, txt: jax.Array, logit_scale: jax.Array, logit_bi
     chunk = parallel.ring_shift(chunk, axis_name)
     total = total + block(chunk, False)
   return parallel.psum(total, axis_name) / (b * n_dev)
+
+
+# ---- self-supervised and label-aware contrastive losses ---------------------------------------
+
+_MASK_LOGIT = 1e9  # SimCLR's LARGE_NUM: removes a sample's similarity to itself
+
+
+def _global_mean(x: jax.Array, axis_name: str | None, axis: int | tuple[int, ...] | None = None
+                 ) -> jax.Array:
+  """Mean over `axis` (default all) of an array evenly sharded over `axis_name` along one of them."""
+  total = x.sum(axis=axis)
+  return parallel.psum(total, axis_name) / (x.size // total.size * parallel.axis_size(axis_name))
+
+
+def _global_labels(b: int, axis_name: str | None) -> jax.Array:
+  """Positions of this device's b rows in the gathered global batch."""
+  return parallel.axis_index(axis_name) * b + jnp.arange(b)
+
+
+def _l2_normalize(x: jax.Array, eps: float = 1e-12) -> jax.Array:
+  """Row-wise L2 normalisation in f32, x / sqrt(max(|x|^2, eps)) as in the BYOL reference."""
+  x = x.astype(jnp.float32)
+  return x * jax.lax.rsqrt(jnp.maximum(jnp.sum(x * x, axis=-1, keepdims=True), eps))
+
+
+def _cosine_to_target(p: jax.Array, z: jax.Array) -> jax.Array:
+  """Per-row cos(p, stop_gradient(z)) of raw vectors."""
+  return jnp.sum(_l2_normalize(p) * _l2_normalize(jax.lax.stop_gradient(z)), axis=-1)
+
+
+def _soft_cross_entropy(logits: jax.Array, targets: jax.Array) -> jax.Array:
+  """Per-row cross-entropy against a target distribution (f32)."""
+  return -jnp.sum(targets * jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1), axis=-1)
+
+
+def _off_diagonal_sq_sum(c: jax.Array) -> jax.Array:
+  """Sum of squares of the off-diagonal entries of a square matrix."""
+  return jnp.sum(jnp.where(jnp.eye(c.shape[0], dtype=bool), 0.0, c) ** 2)
+
+
+def nt_xent_loss(z1: jax.Array, z2: jax.Array, temperature: float | jax.Array, *,
+                 axis_name: str | None = None) -> jax.Array:
+  """SimCLR NT-Xent over the global batch; the two directions are SUMMED as in the reference.
+
+  Args:
+    z1, z2: local (b, d) L2-normalised projections of the two views; row i of each is a pair.
+    temperature: tau (0.1 reference ImageNet flag, 0.5 its CIFAR command, 0.2 solo-learn).
+  Each row's logits are [z_a . z_b_all, z_a . z_a_all (self masked)] / tau, both halves gathered with
+  gradient; the loss is mean(loss_a + loss_b) over the global batch.
+  """
+  z1, z2 = z1.astype(jnp.float32), z2.astype(jnp.float32)
+  z1_all, z2_all = parallel.all_gather(z1, axis_name), parallel.all_gather(z2, axis_name)
+  labels = _global_labels(z1.shape[0], axis_name)
+  self_mask = _MASK_LOGIT * jax.nn.one_hot(labels, z1_all.shape[0])
+
+  def direction(za, za_all, zb_all):
+    logits_ab = za @ zb_all.T / temperature
+    logits_aa = za @ za_all.T / temperature - self_mask
+    return _cross_entropy(jnp.concatenate([logits_ab, logits_aa], axis=1), labels)
+
+  return _global_mean(direction(z1, z1_all, z2_all) + direction(z2, z2_all, z1_all), axis_name)
+
+
+def byol_loss(p1: jax.Array, p2: jax.Array, z1: jax.Array, z2: jax.Array, *,
+              axis_name: str | None = None) -> jax.Array:
+  """BYOL: SUM of 2 - 2cos(p1, sg(z2)) and 2 - 2cos(p2, sg(z1)), mean over the global batch.
+
+  Inputs are RAW: p_i online predictions, z_i target projections (local (b, d)); the loss
+  L2-normalises them itself because normalisation is part of the reference `regression_loss`.
+  Range [0, 8].
+  """
+  return _global_mean(4.0 - 2.0 * (_cosine_to_target(p1, z2) + _cosine_to_target(p2, z1)),
+                      axis_name)
+
+
+def simsiam_loss(p1: jax.Array, p2: jax.Array, z1: jax.Array, z2: jax.Array, *,
+                 axis_name: str | None = None) -> jax.Array:
+  """SimSiam: -(cos(p1, sg(z2)) + cos(p2, sg(z1))) / 2 (directions AVERAGED), global-batch mean.
+
+  Inputs are RAW predictor outputs p_i and projections z_i (local (b, d)); cosine normalises them.
+  Minimum -1 (also the value of a collapsed solution).
+  """
+  return -0.5 * _global_mean(_cosine_to_target(p1, z2) + _cosine_to_target(p2, z1), axis_name)
+
+
+def moco_v3_loss(q1: jax.Array, q2: jax.Array, k1: jax.Array, k2: jax.Array,
+                 temperature: float | jax.Array, *, axis_name: str | None = None) -> jax.Array:
+  """MoCo v3: ctr(q1, k2) + ctr(q2, k1), ctr = 2T * CE(q . k_all / T, own key) over the global batch.
+
+  Inputs are RAW local (b, d) queries (predictor outputs) and keys (momentum-encoder projections);
+  both are L2-normalised here, as in the reference `contrastive_loss`. Keys are gathered without
+  gradient. T is 0.2 for ViT and 1.0 for ResNet-50.
+  """
+  labels = _global_labels(q1.shape[0], axis_name)
+
+  def ctr(q, k):
+    k_all = parallel.all_gather(jax.lax.stop_gradient(_l2_normalize(k)), axis_name)
+    return _cross_entropy(_l2_normalize(q) @ k_all.T / temperature, labels)
+
+  return 2.0 * temperature * _global_mean(ctr(q1, k2) + ctr(q2, k1), axis_name)
+
+
+def moco_queue_loss(q: jax.Array, k: jax.Array, queue: jax.Array, temperature: float | jax.Array,
+                    *, axis_name: str | None = None) -> jax.Array:
+  """MoCo v1/v2: CE([q . k+, q . queue] / T, class 0), global-batch mean; not symmetrised.
+
+  Args:
+    q, k: local (b, d) L2-normalised queries and keys (normalise once outside, so the same keys
+      go to `moco_enqueue`); k gets no gradient.
+    queue: (K, d) replicated L2-normalised negatives (before this step's keys are enqueued).
+  """
+  q = q.astype(jnp.float32)
+  k = jax.lax.stop_gradient(k.astype(jnp.float32))
+  queue = jax.lax.stop_gradient(queue.astype(jnp.float32))
+  logits = jnp.concatenate([jnp.sum(q * k, axis=-1, keepdims=True), q @ queue.T], axis=1)
+  labels = jnp.zeros(q.shape[0], jnp.int32)
+  return _global_mean(_cross_entropy(logits / temperature, labels), axis_name)
+
+
+def moco_enqueue(queue: jax.Array, keys_global: jax.Array, ptr: jax.Array
+                 ) -> tuple[jax.Array, jax.Array]:
+  """Write the gathered (N, d) global keys into the (K, d) FIFO ring at `ptr`; returns (queue, ptr)."""
+  size, n = queue.shape[0], keys_global.shape[0]
+  if size % n:
+    raise ValueError(f"MoCo queue size {size} is not divisible by the global batch size {n}; "
+                     f"choose a queue size that is a multiple of {n}")
+  ptr = jnp.asarray(ptr, jnp.int32)
+  queue = jax.lax.dynamic_update_slice(queue, keys_global.astype(queue.dtype), (ptr, jnp.int32(0)))
+  return queue, (ptr + n) % size
+
+
+def _dino_terms(student_logits: jax.Array, teacher_logits: jax.Array, center: jax.Array,
+                student_temp: float | jax.Array, teacher_temp: float | jax.Array,
+                n_global_crops: int, axis_name: str | None) -> tuple[jax.Array, jax.Array]:
+  """(DINO loss, mean teacher entropy), both over the global batch."""
+  n_crops = student_logits.shape[0]
+  if teacher_logits.shape[0] != n_global_crops or n_crops < n_global_crops:
+    raise ValueError(f"DINO expects teacher logits for the {n_global_crops} global crops and at least "
+                     f"as many student crops; got teacher {teacher_logits.shape}, student "
+                     f"{student_logits.shape}")
+  teacher_logp = jax.lax.stop_gradient(jax.nn.log_softmax(
+      (teacher_logits.astype(jnp.float32) - center) / teacher_temp, axis=-1))
+  teacher_p = jnp.exp(teacher_logp)
+  student_logp = jax.nn.log_softmax(student_logits.astype(jnp.float32) / student_temp, axis=-1)
+  ce = -jnp.einsum("ibk,vbk->ivb", teacher_p, student_logp, precision=jax.lax.Precision.HIGHEST)
+  pairs = ~np.eye(n_global_crops, n_crops, dtype=bool)  # teacher crop iq, student crop v != iq
+  entropy = -jnp.sum(teacher_p * teacher_logp, axis=-1)
+  return _global_mean(ce[pairs], axis_name), _global_mean(entropy, axis_name)
+
+
+def dino_loss(student_logits: jax.Array, teacher_logits: jax.Array, center: jax.Array,
+              student_temp: float | jax.Array, teacher_temp: float | jax.Array, *,
+              n_global_crops: int = 2, axis_name: str | None = None) -> jax.Array:
+  """DINO: mean over (teacher crop iq, student crop v != iq) pairs of the global-batch mean CE.
+
+  Args:
+    student_logits: (n_crops, b, K) raw head outputs; crops [0, n_global_crops) are the global crops
+      in the teacher's order.
+    teacher_logits: (n_global_crops, b, K); teacher probs softmax((t - center) / teacher_temp) are
+      stop-gradient. center: (K,) or (1, K), the PREVIOUS center (update it afterwards).
+  The number of pairs is 2 * n_crops - 2 with two global crops.
+  """
+  return _dino_terms(student_logits, teacher_logits, center, student_temp, teacher_temp,
+                     n_global_crops, axis_name)[0]
+
+
+def dino_monitors(student_logits: jax.Array, teacher_logits: jax.Array, center: jax.Array,
+                  student_temp: float | jax.Array, teacher_temp: float | jax.Array, *,
+                  n_global_crops: int = 2, axis_name: str | None = None) -> dict[str, jax.Array]:
+  """DINO collapse diagnostics: mean teacher entropy and KL(teacher || student) over the loss pairs."""
+  loss, entropy = jax.lax.stop_gradient(_dino_terms(
+      student_logits, teacher_logits, center, student_temp, teacher_temp, n_global_crops, axis_name))
+  # Every teacher crop appears in the same number of pairs, so pair-mean KL = CE - mean entropy.
+  return {"teacher_entropy": entropy, "kl_teacher_student": loss - entropy}
+
+
+def dino_center_update(center: jax.Array, teacher_logits: jax.Array, momentum: float | jax.Array,
+                       *, axis_name: str | None = None) -> jax.Array:
+  """New center m * center + (1 - m) * mean of the raw teacher logits over global crops and batch."""
+  batch_center = _global_mean(teacher_logits.astype(jnp.float32), axis_name, axis=(0, 1))
+  return momentum * center + (1.0 - momentum) * batch_center
+
+
+def _global_batch_norm(z: jax.Array, axis_name: str | None, eps: float = 1e-5) -> jax.Array:
+  """BatchNorm without affine using GLOBAL batch statistics (biased variance, torch eps)."""
+  z = z.astype(jnp.float32)
+  mean = _global_mean(z, axis_name, axis=0)
+  var = _global_mean(jnp.square(z - mean), axis_name, axis=0)
+  return (z - mean) * jax.lax.rsqrt(var + eps)
+
+
+def barlow_twins_loss(z1: jax.Array, z2: jax.Array, lambd: float = 0.0051, *,
+                      axis_name: str | None = None, scale_loss: float = 1.0) -> jax.Array:
+  """Barlow Twins: sum (diag(c) - 1)^2 + lambd * sum offdiag(c)^2, c the global cross-correlation.
+
+  z1, z2: local (b, D) raw projections; each is batch-normalised (no affine) with global-batch
+  statistics and c = bn(z1)^T bn(z2) / global_batch. lambd 0.0051 is the code default (paper: 5e-3);
+  scale_loss multiplies the whole loss (solo-learn's CIFAR recipe uses 0.1).
+  """
+  n = z1.shape[0] * parallel.axis_size(axis_name)
+  z1n, z2n = _global_batch_norm(z1, axis_name), _global_batch_norm(z2, axis_name)
+  c = parallel.psum(z1n.T @ z2n, axis_name) / n
+  on_diag = jnp.sum(jnp.square(jnp.diagonal(c) - 1.0))
+  return scale_loss * (on_diag + lambd * _off_diagonal_sq_sum(c))
+
+
+def vicreg_loss(x: jax.Array, y: jax.Array, sim_coeff: float = 25.0, std_coeff: float = 25.0,
+                cov_coeff: float = 1.0, *, axis_name: str | None = None) -> jax.Array:
+  """VICReg: sim * MSE(x, y) + std * variance hinge + cov * off-diagonal covariance, global batch.
+
+  x, y: local (b, D) raw projections. Std (eps 1e-4) and covariance (unbiased, / (N - 1)) are
+  computed on the gradient-carrying all-gather of the global batch, as in the reference.
+  """
+  x, y = x.astype(jnp.float32), y.astype(jnp.float32)
+  repr_loss = _global_mean(jnp.square(x - y), axis_name)
+
+  def std_cov(z):
+    n, d = z.shape
+    z = z - z.mean(axis=0)
+    std = jnp.sqrt(jnp.sum(z * z, axis=0) / (n - 1) + 1e-4)
+    return jnp.mean(jax.nn.relu(1.0 - std)) / 2, _off_diagonal_sq_sum(z.T @ z / (n - 1)) / d
+
+  std_x, cov_x = std_cov(parallel.all_gather(x, axis_name))
+  std_y, cov_y = std_cov(parallel.all_gather(y, axis_name))
+  # Every device computes the same gathered-statistics terms; pmean keeps one copy of their
+  # gradient (the all-gather transposes to a sum over devices).
+  gathered_terms = parallel.pmean(std_coeff * (std_x + std_y) + cov_coeff * (cov_x + cov_y),
+                                  axis_name)
+  return sim_coeff * repr_loss + gathered_terms
+
+
+def unicl_loss(img: jax.Array, txt: jax.Array, labels: jax.Array, logit_scale: jax.Array, *,
+               axis_name: str | None = None) -> jax.Array:
+  """UniCL: image-text-label contrastive loss; every global pair sharing a label is a positive.
+
+  Args:
+    img, txt: local (b, d) L2-normalised embeddings. labels: local (b,) ints; give each plain
+      image-text pair its own unique label. logit_scale: as in `clip_loss`.
+  Targets are uniform over each row's positives in the GLOBAL batch; the two directions are averaged,
+  so with all labels distinct this is `clip_loss`.
+  """
+  img_all, txt_all = parallel.all_gather(img, axis_name), parallel.all_gather(txt, axis_name)
+  positives = (labels[:, None] == parallel.all_gather(labels, axis_name)[None, :])
+  targets = positives / positives.sum(axis=-1, keepdims=True)
+  total = (_soft_cross_entropy(logit_scale * img @ txt_all.T, targets).sum()
+           + _soft_cross_entropy(logit_scale * txt @ img_all.T, targets).sum())
+  n = img.shape[0] * parallel.axis_size(axis_name)
+  return parallel.psum(total, axis_name) / (2 * n)
