@@ -8,6 +8,8 @@ from typing import Any
 import jax.numpy as jnp
 from flax import nnx
 
+from sslvl_jax.models.heads import HEADS, DINOHead, MLPHead
+from sslvl_jax.models.resnet import RESNET_STAGES, ResNet
 from sslvl_jax.models.text import TextTransformer
 from sslvl_jax.models.two_tower import TwoTower, l2_normalize
 from sslvl_jax.models.vit import ViT
@@ -30,6 +32,9 @@ MODELS.add("vit_micro", functools.partial(ViT, width=64, depth=2, num_heads=2, m
 _TEXT_SIZES = {"micro": (64, 2, 2), "s": (384, 12, 6), "b": (512, 12, 8), "l": (768, 12, 12)}
 for _size, (_w, _d, _h) in _TEXT_SIZES.items():
   MODELS.add(f"text_{_size}", functools.partial(TextTransformer, width=_w, depth=_d, num_heads=_h))
+
+for _depth in RESNET_STAGES:  # resnet18, resnet34, resnet50, resnet101, resnet152
+  MODELS.add(f"resnet{_depth}", functools.partial(ResNet, depth=_depth))
 
 
 def build(name: str, *, rngs: nnx.Rngs, **kwargs: Any) -> nnx.Module:
@@ -58,4 +63,4 @@ def dtype_of(name: str) -> Any:
 
 
 __all__ = ["MODELS", "build", "width_of", "dtype_of", "ViT", "TextTransformer", "TwoTower",
-           "l2_normalize"]
+           "l2_normalize", "ResNet", "HEADS", "MLPHead", "DINOHead"]
