@@ -14,6 +14,13 @@ def digits_data(**overrides) -> ConfigDict:
   return ConfigDict(d)
 
 
+def drop(c: ConfigDict, *keys: str) -> None:
+  """Remove `keys` from a ConfigDict if present (durations given in other units, etc.)."""
+  for k in keys:
+    if k in c:
+      del c[k]
+
+
 def shrink_to_smoke(c: ConfigDict, *, text: bool = True) -> ConfigDict:
   """A few steps of the same recipe on the built-in data with micro towers (`--config=x.py:smoke`)."""
   c.data = digits_data()
@@ -23,8 +30,52 @@ def shrink_to_smoke(c: ConfigDict, *, text: bool = True) -> ConfigDict:
     c.model.embed_dim = 32
   c.model.dtype = "float32"
   c.global_batch_size, c.total_steps = 16, 4
-  c.pop("total_examples", None)
+  drop(c, "total_examples", "total_epochs")
   c.optim.warmup_steps = 1
+  c.log_every_steps, c.checkpoint_every_steps = 2, 2
+  c.evals = ConfigDict()
+  return c
+
+
+def imagenet_data(crops: str, **overrides) -> ConfigDict:
+  """ImageNet-1k through TFDS (prepared ArrayRecord), or an ImageFolder via `name='image_folder'`."""
+  d = dict(name="tfds", dataset="imagenet2012", splits=dict(train="train", test="validation"),
+           image_size=224, crops=crops, eval_resize_ratio=224 / 256, worker_count=32,
+           max_skip_fraction=0.01)
+  d.update(overrides)
+  return ConfigDict(d)
+
+
+def knn_eval(every_steps: int, **overrides) -> ConfigDict:
+  """DINO's k-NN protocol (k=20, T=0.07) on train -> test features."""
+  d = dict(type="knn", k=20, temperature=0.07, train_split="train", test_split="test",
+           every_steps=every_steps, batch_size=1024)
+  d.update(overrides)
+  return ConfigDict(d)
+
+
+def ssl_on_digits(c: ConfigDict, *, backbone: str = "resnet18", steps: int = 300,
+                  crop_groups: tuple = ((32, (0.35, 1.0), 2),), batch: int = 128) -> ConfigDict:
+  """The same SSL recipe at CPU scale on the built-in digits: small backbone and heads, k-NN eval."""
+  c.data = digits_data(crop_groups=crop_groups, crops=None)
+  drop(c.data, "tokenizer")
+  if backbone == "resnet18":
+    c.model.backbone = ConfigDict(dict(name="resnet18", cifar_stem=True, width_multiplier=0.25))
+  else:
+    c.model.backbone = ConfigDict(dict(name="vit_micro", image_size=32, patch_size=8))
+  c.model.dtype = "float32"
+  c.global_batch_size, c.total_steps = batch, steps
+  drop(c, "total_epochs", "total_examples")
+  c.log_every_steps, c.checkpoint_every_steps = 25, 1000
+  c.optim.warmup_steps = max(steps // 10, 1)
+  drop(c.optim, "warmup_epochs", "warmup_examples")
+  c.evals = ConfigDict(dict(knn=knn_eval(0, k=20, batch_size=256)))
+  return c
+
+
+def ssl_smoke(c: ConfigDict, **kw) -> ConfigDict:
+  """A few steps of `ssl_on_digits` (tests)."""
+  c = ssl_on_digits(c, steps=4, batch=16, **kw)
   c.log_every_steps, c.checkpoint_every_steps = 2, 2
   c.evals = ConfigDict()
   return c

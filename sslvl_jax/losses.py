@@ -95,9 +95,10 @@ def _l2_normalize(x: jax.Array, eps: float = 1e-12) -> jax.Array:
   return x * jax.lax.rsqrt(jnp.maximum(jnp.sum(x * x, axis=-1, keepdims=True), eps))
 
 
-def _cosine_to_target(p: jax.Array, z: jax.Array) -> jax.Array:
-  """Per-row cos(p, stop_gradient(z)) of raw vectors."""
-  return jnp.sum(_l2_normalize(p) * _l2_normalize(jax.lax.stop_gradient(z)), axis=-1)
+def _cosine_to_target(p: jax.Array, z: jax.Array, stop_gradient: bool = True) -> jax.Array:
+  """Per-row cos(p, stop_gradient(z)) of raw vectors (no stop-gradient only for ablations)."""
+  z = jax.lax.stop_gradient(z) if stop_gradient else z
+  return jnp.sum(_l2_normalize(p) * _l2_normalize(z), axis=-1)
 
 
 def _soft_cross_entropy(logits: jax.Array, targets: jax.Array) -> jax.Array:
@@ -146,13 +147,15 @@ def byol_loss(p1: jax.Array, p2: jax.Array, z1: jax.Array, z2: jax.Array, *,
 
 
 def simsiam_loss(p1: jax.Array, p2: jax.Array, z1: jax.Array, z2: jax.Array, *,
-                 axis_name: str | None = None) -> jax.Array:
+                 axis_name: str | None = None, stop_gradient: bool = True) -> jax.Array:
   """SimSiam: -(cos(p1, sg(z2)) + cos(p2, sg(z1))) / 2 (directions AVERAGED), global-batch mean.
 
   Inputs are RAW predictor outputs p_i and projections z_i (local (b, d)); cosine normalises them.
-  Minimum -1 (also the value of a collapsed solution).
+  Minimum -1 (also the value of a collapsed solution). `stop_gradient=False` is the paper's
+  ablation that collapses.
   """
-  return -0.5 * _global_mean(_cosine_to_target(p1, z2) + _cosine_to_target(p2, z1), axis_name)
+  cos = _cosine_to_target(p1, z2, stop_gradient) + _cosine_to_target(p2, z1, stop_gradient)
+  return -0.5 * _global_mean(cos, axis_name)
 
 
 def moco_v3_loss(q1: jax.Array, q2: jax.Array, k1: jax.Array, k2: jax.Array,

@@ -95,3 +95,15 @@ def rankme(z: jax.Array, eps: float = 1e-7) -> jax.Array:
   s = jnp.linalg.svd(z.astype(jnp.float32), compute_uv=False)
   p = s / (s.sum() + eps) + eps
   return jnp.exp(-(p * jnp.log(p)).sum())
+
+
+_COMPARE = {"<": lambda a, b: a < b, ">": lambda a, b: a > b}
+
+
+def check_collapse(values: Mapping[str, Any], rules: Any, step: int) -> None:
+  """Raise when a collapse monitor trips a `(metric, '<' | '>', threshold)` rule."""
+  for name, op, threshold in rules:
+    if name in values and _COMPARE[op](float(np.asarray(values[name])), threshold):
+      raise RuntimeError(
+          f"collapse detected at step {step}: {name} = {float(np.asarray(values[name])):.3g} "
+          f"{op} {threshold} (rule in config.collapse_rules); the representation has collapsed")

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -70,39 +70,107 @@ def base_lr(cfg: ConfigDict, global_batch_size: int) -> float:
   return float(cfg.lr_sqrt) * global_batch_size ** 0.5
 
 
+Schedule = Callable[[jax.Array], jax.Array]
+
+
 @OPTIMIZERS.register("adamw")
-def _adamw(cfg: ConfigDict, lr: optax.Schedule, mask: Callable) -> optax.GradientTransformation:
-  return optax.adamw(lr, b1=cfg.get("b1", 0.9), b2=cfg.get("b2", 0.999), eps=cfg.get("eps", 1e-8),
-                     weight_decay=cfg.get("weight_decay", 0.0), mask=mask)
+def _adamw(cfg: ConfigDict, lr: Schedule, wd: Schedule, mask: Any) -> optax.GradientTransformation:
+  # Decoupled weight decay (torch/optax AdamW): p -= lr * (adam(g) + wd * p).
+  return optax.chain(optax.scale_by_adam(b1=cfg.get("b1", 0.9), b2=cfg.get("b2", 0.999),
+                                         eps=cfg.get("eps", 1e-8)),
+                     optax.add_decayed_weights(wd, mask), optax.scale_by_learning_rate(lr))
 
 
 @OPTIMIZERS.register("sgd")
-def _sgd(cfg: ConfigDict, lr: optax.Schedule, mask: Callable) -> optax.GradientTransformation:
-  return optax.chain(optax.add_decayed_weights(cfg.get("weight_decay", 0.0), mask),
-                     optax.sgd(lr, momentum=cfg.get("momentum", 0.9), nesterov=cfg.get("nesterov", False)))
+def _sgd(cfg: ConfigDict, lr: Schedule, wd: Schedule, mask: Any) -> optax.GradientTransformation:
+  # torch SGD: weight decay added to the gradient before momentum.
+  return optax.chain(optax.add_decayed_weights(wd, mask),
+                     optax.sgd(lr, momentum=cfg.get("momentum", 0.9),
+                               nesterov=cfg.get("nesterov", False)))
 
 
 @OPTIMIZERS.register("lars")
-def _lars(cfg: ConfigDict, lr: optax.Schedule, mask: Callable) -> optax.GradientTransformation:
+def _lars(cfg: ConfigDict, lr: Schedule, wd: Schedule, mask: Any) -> optax.GradientTransformation:
   # BYOL/SimCLR LARS: decay added to the gradient, trust ratio eta*|p|/|g|, momentum after it;
   # biases and norms are excluded from both decay and adaptation (the same mask).
-  return optax.lars(lr, weight_decay=cfg.get("weight_decay", 0.0), weight_decay_mask=mask,
+  return optax.lars(lr, weight_decay=wd, weight_decay_mask=mask,
                     trust_coefficient=cfg.get("trust_coefficient", 1e-3), eps=0.0,
                     trust_ratio_mask=mask, momentum=cfg.get("momentum", 0.9),
                     nesterov=cfg.get("nesterov", False))
 
 
-def build(cfg: ConfigDict, params: Any, *, total_steps: int, global_batch_size: int
-          ) -> tuple[optax.GradientTransformation, optax.Schedule]:
-  """The optimiser of a config: clipping, the named optimiser with its schedule and decay mask."""
-  lr = warmup_cosine(base_lr(cfg, global_batch_size), total_steps, cfg.get("warmup_steps", 0),
-                     end_lr=cfg.get("end_lr", 0.0))
+def clip_per_tensor(max_norm: float) -> optax.GradientTransformation:
+  """Clip each gradient tensor's norm separately (DINO's `clip_gradients`, not a global norm)."""
+  def update(updates, state, params=None):
+    del params
+    def clip(g):
+      norm = jnp.linalg.norm(g.astype(jnp.float32))
+      return (g * jnp.minimum(1.0, max_norm / (norm + 1e-6))).astype(g.dtype)
+    return jax.tree.map(clip, updates), state
+  return optax.GradientTransformation(lambda p: optax.EmptyState(), update)
+
+
+class FrozenState(NamedTuple):
+  count: jax.Array
+  inner: Any
+
+
+def frozen_for(inner: optax.GradientTransformation, n_steps: int) -> optax.GradientTransformation:
+  """Zero updates for the first `n_steps` and leave `inner`'s state (moments, counts) untouched.
+
+  As torch does for a parameter whose grad is None: no update, no weight decay, no moment update.
+  Wrap an optimiser whose schedules are shifted by `n_steps` so they stay on the global step.
+  """
+  def init(params):
+    return FrozenState(jnp.zeros([], jnp.int32), inner.init(params))
+
+  def update(updates, state, params=None):
+    new_updates, new_inner = inner.update(updates, state.inner, params)
+    frozen = state.count < n_steps
+    new_updates = jax.tree.map(lambda u: jnp.where(frozen, jnp.zeros_like(u), u), new_updates)
+    new_inner = jax.tree.map(lambda old, new: jnp.where(frozen, old, new), state.inner, new_inner)
+    return new_updates, FrozenState(state.count + 1, new_inner)
+  return optax.GradientTransformation(init, update)
+
+
+def build(cfg: ConfigDict, params: Any, *, total_steps: int, global_batch_size: int,
+          steps_per_epoch: float = 1.0) -> tuple[optax.GradientTransformation, Schedule]:
+  """The optimiser of a config: clipping, the named optimiser, schedules, masks and param groups.
+
+  cfg fields: name, lr | lr_per_256 | lr_sqrt, warmup_steps, end_lr, weight_decay,
+  weight_decay_end (cosine wd schedule, DINO), no_decay_rules (regexes), clip_grad_norm (global)
+  or clip_grad_per_tensor, constant_lr_rules (regexes of params kept at the base lr, SimSiam's
+  predictor), freeze_rules ((regex, epochs), ...): params whose update is zero for that long
+  (DINO's last layer in epoch 1).
+  """
+  peak = base_lr(cfg, global_batch_size)
+  lr = warmup_cosine(peak, total_steps, cfg.get("warmup_steps", 0), end_lr=cfg.get("end_lr", 0.0))
+  wd0 = cfg.get("weight_decay", 0.0)
+  wd_end = cfg.get("weight_decay_end")
+  wd = cosine_ramp(wd0, wd_end, total_steps) if wd_end is not None else (lambda _: wd0)
   mask = decay_mask(params, cfg.get("no_decay_rules", ()))
+  make = OPTIMIZERS.get(cfg.name)
+
+  def shifted(fn: Schedule, n: int) -> Schedule:
+    return lambda c: fn(c + n)
+
+  groups = {"default": make(cfg, lr, wd, mask)}
+  rules = []
+  for rx in cfg.get("constant_lr_rules", ()):
+    groups[f"constant:{rx}"] = make(cfg, lambda _: peak, wd, mask)
+    rules.append((rx, f"constant:{rx}"))
+  for rx, epochs in cfg.get("freeze_rules", ()):
+    n = int(round(epochs * steps_per_epoch))
+    groups[f"frozen:{rx}"] = frozen_for(make(cfg, shifted(lr, n), shifted(wd, n), mask), n)
+    rules.append((rx, f"frozen:{rx}"))
+  tx = groups["default"] if not rules else optax.multi_transform(
+      groups, rule_mask(params, rules, "default"))
   parts = []
   if cfg.get("clip_grad_norm"):
     parts.append(optax.clip_by_global_norm(cfg.clip_grad_norm))
-  parts.append(OPTIMIZERS.get(cfg.name)(cfg, lr, mask))
-  return optax.chain(*parts), lr
+  if cfg.get("clip_grad_per_tensor"):
+    parts.append(clip_per_tensor(cfg.clip_grad_per_tensor))
+  return optax.chain(*parts, tx), lr
 
 
 def teacher_ema(momentum: optax.Schedule | float) -> optax.GradientTransformation:

@@ -18,27 +18,9 @@ from jax.experimental import multihost_utils
 from ml_collections import ConfigDict
 
 from sslvl_jax import checkpoint, data, methods, metrics, optim, parallel
+from sslvl_jax.durations import to_steps
 from sslvl_jax.evals import tasks as eval_tasks
-from sslvl_jax.errors import ConfigError
 from sslvl_jax.methods.base import Method, TrainState
-
-
-def to_steps(cfg: ConfigDict, name: str, steps_per_epoch: float, global_batch_size: int,
-             default: int | None = None) -> int:
-  """Resolve `<name>_steps`, `<name>_epochs` or `<name>_examples` to steps (the one conversion)."""
-  given = {u: cfg.get(f"{name}_{u}") for u in ("steps", "epochs", "examples")}
-  given = {u: v for u, v in given.items() if v is not None}
-  if len(given) > 1:
-    raise ConfigError(f"set only one of {', '.join(f'{name}_{u}' for u in given)}")
-  if "steps" in given:
-    return int(given["steps"])
-  if "epochs" in given:
-    return int(round(given["epochs"] * steps_per_epoch))
-  if "examples" in given:
-    return int(round(given["examples"] / global_batch_size))
-  if default is None:
-    raise ConfigError(f"set {name}_steps, {name}_epochs or {name}_examples in the config")
-  return default
 
 
 class StopSignal:
@@ -126,15 +108,17 @@ def run(config: ConfigDict, workdir: str) -> dict[str, float]:
     with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
       f.write(config.to_json_best_effort(indent=2))
 
-  method = methods.get(config.method)(config, mesh)
   train_source = data.source(config.data, "train")
   steps_per_epoch = len(train_source) / config.global_batch_size
   total_steps = to_steps(config, "total", steps_per_epoch, config.global_batch_size)
-  warmup = to_steps(config.optim, "warmup", steps_per_epoch, config.global_batch_size, default=0)
   with config.unlocked():
+    config.optim.warmup_steps = to_steps(config.optim, "warmup", steps_per_epoch,
+                                         config.global_batch_size, default=0)
     for unit in ("epochs", "examples"):
-      config.optim.pop(f"warmup_{unit}", None)
-    config.optim.warmup_steps = warmup
+      if f"warmup_{unit}" in config.optim:
+        del config.optim[f"warmup_{unit}"]
+    config.schedule = {"total_steps": total_steps, "steps_per_epoch": steps_per_epoch}
+  method = methods.get(config.method)(config, mesh)
   local_bs = config.global_batch_size // jax.process_count()
   dataset = data.make_dataset(
       train_source, data.example_transform(config.data, method.example, train=True),
@@ -144,7 +128,8 @@ def run(config: ConfigDict, workdir: str) -> dict[str, float]:
 
   rng = jax.random.key(config.seed)
   tx_builder = lambda p: optim.build(config.optim, p, total_steps=total_steps,  # noqa: E731
-                                     global_batch_size=config.global_batch_size)
+                                     global_batch_size=config.global_batch_size,
+                                     steps_per_epoch=steps_per_epoch)
   state, (tx, schedule) = init_state(method, tx_builder, rng, mesh)
   ckpt = checkpoint.Checkpointer(workdir, max_to_keep=config.get("keep_checkpoints", 3))
   start = ckpt.latest_step()
@@ -174,6 +159,7 @@ def run(config: ConfigDict, workdir: str) -> dict[str, float]:
         skipped, seen = process_sum([batches.skipped, batches.seen])
         check_skips(skipped, seen, max_skip)
         m["data/skipped"] = skipped
+        metrics.check_collapse(m, config.get("collapse_rules", ()), step)
         m.update(throughput.update(step))
         writer.write(step, m)
         writer.log(metrics.format_line(step, total_steps, m))

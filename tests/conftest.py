@@ -9,3 +9,6 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 import jax  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
+# Non-partitionable threefry compiles random initialisers several times faster on CPU; the tests
+# compare results within one process, so the bit pattern of the draws does not matter.
+jax.config.update("jax_threefry_partitionable", False)

@@ -59,5 +59,5 @@ def test_bad_image_shape_is_named():
 
 
 def test_unknown_model_lists_known_names():
-  with pytest.raises(KeyError, match="vit_b16")  # ConfigError is a KeyError:
+  with pytest.raises(KeyError, match="vit_b16"):  # ConfigError is a KeyError
     models.build("vit_huge99", rngs=nnx.Rngs(0))

@@ -75,10 +75,14 @@ def source(cfg: ConfigDict, split: str) -> Any:
   return SOURCES.get(cfg.name)(cfg, split)
 
 
+EXAMPLE_OPTIONS = ("train_crop_scale", "eval_resize_ratio", "crops", "crop_groups")
+
+
 def example_transform(cfg: ConfigDict, example: str, *, train: bool) -> Transform:
   """Bind the host transform `example` to the data config."""
   kwargs = {"image_size": cfg.image_size, "train": train}
-  if cfg.get("tokenizer"):
+  kwargs.update({k: cfg[k] for k in EXAMPLE_OPTIONS if cfg.get(k) is not None})
+  if cfg.get("tokenizer") and example == "image_text":
     kwargs["tokenizer_spec"] = tokenizer_spec(cfg)
   return Transform(EXAMPLES.get(example), kwargs)
 

@@ -92,8 +92,13 @@ class Method:
     return params, model_state
 
   def merge(self, params: Any, model_state: Any) -> nnx.Module:
-    """A module view of pytrees (inside jit: pure)."""
-    return nnx.merge(self.graphdef, params, model_state)
+    """A module view of pytrees (inside jit: pure).
+
+    The state pytrees are rebuilt here (tree.map) so that their Variables belong to the current
+    trace and BatchNorm statistics may be updated in it.
+    """
+    copy = lambda t: jax.tree.map(lambda x: x, t)  # noqa: E731
+    return nnx.merge(self.graphdef, copy(params), copy(model_state))
 
   def forward_loss(self, params: Any, state: TrainState, batch: dict, rng: jax.Array
                    ) -> tuple[jax.Array, tuple[dict, Any, Any]]:

@@ -37,7 +37,7 @@ class TwoTower(nnx.Module):
 
   def encode_image(self, images: jax.Array, *, rng: jax.Array | None = None) -> jax.Array:
     """L2-normalised image embeddings (b, embed_dim)."""
-    return l2_normalize(self.image_proj(self.image(images, rng=rng)["pooled"]))
+    return l2_normalize(self.image_proj(self.image(images, train=rng is not None, rng=rng)["pooled"]))
 
   def encode_text(self, tokens: jax.Array, *, rng: jax.Array | None = None) -> jax.Array:
     """L2-normalised text embeddings (b, embed_dim)."""

@@ -95,8 +95,10 @@ class ViT(nnx.Module):
       x = self.ln_pre(x)
     return x
 
-  def __call__(self, images: jax.Array, *, rng: jax.Array | None = None,
+  def __call__(self, images: jax.Array, *, train: bool = False, rng: jax.Array | None = None,
                return_block_cls: int = 0) -> dict[str, jax.Array]:
+    """Encode images; stochastic depth runs only with `train` and an `rng`."""
+    rng = rng if train else None
     x = self.embed(images)
     rngs = [None] * len(self.blocks) if rng is None else list(jax.random.split(rng, len(self.blocks)))
     block_cls = []

@@ -1,0 +1,137 @@
+"""Shared pieces of the image-only self-supervised methods: model, views, teacher, monitors."""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import PartitionSpec as P
+
+from sslvl_jax import metrics, models, optim, parallel
+from sslvl_jax.data import device_ops
+from sslvl_jax.errors import ConfigError
+from sslvl_jax.methods.base import Method
+
+DATA = P(parallel.DATA_AXIS)
+
+
+class SSLModel(nnx.Module):
+  """A backbone and its named heads (projector, predictor, DINO head, ...)."""
+
+  def __init__(self, backbone: nnx.Module, heads: dict[str, nnx.Module]):
+    self.backbone = backbone
+    self.head_names = tuple(heads)
+    for name, head in heads.items():
+      setattr(self, name, head)
+
+  def features(self, images: jax.Array, *, train: bool, rng: jax.Array | None = None) -> jax.Array:
+    """Pooled backbone features (b, d)."""
+    return self.backbone(images, train=train, rng=rng)["pooled"]
+
+
+def global_batch(fn: Callable[..., jax.Array], mesh: Any, *specs: Any) -> Callable[..., jax.Array]:
+  """`fn` (a losses.* function) on the global batch: shard_map over the data axis."""
+  return parallel.sharded_loss(functools.partial(fn, axis_name=parallel.DATA_AXIS), mesh, specs)
+
+
+class SSLMethod(Method):
+  """Base of the image-only methods: multi-view batches, backbone + heads from the config.
+
+  config.model.backbone: {name, **kwargs} from the model registry; config.model.heads:
+  {head_name: {name, input, **kwargs}} from models.HEADS, `input` naming what the head reads
+  ('backbone' by default, or another head: the predictor reads the projector). config.augment: {views<g>: (preset, ...)}:
+  the device-side photometric preset of each view of crop group g (view i uses preset i mod n).
+  """
+
+  example = "multi_view"
+
+  def build_backbone(self, rngs: nnx.Rngs) -> nnx.Module:
+    """The image backbone (ViT or ResNet) of the config."""
+    cfg = self.config.model.backbone
+    return models.build(cfg.name, rngs=rngs, dtype=models.dtype_of(self.config.model.get(
+        "dtype", "float32")), **{k: v for k, v in cfg.items() if k != "name"})
+
+  def build_model(self, rngs: nnx.Rngs) -> nnx.Module:
+    backbone = self.build_backbone(rngs)
+    dims = {"backbone": models.width_of(backbone)}
+    heads, pending = {}, dict(self.config.model.heads.items())
+    while pending:  # a head reads the backbone or another head (`input`, default the backbone)
+      ready = [n for n, c in pending.items() if c.get("input", "backbone") in dims]
+      if not ready:
+        raise ConfigError(f"model.heads: unresolved inputs {sorted(pending)}; each head's "
+                          "`input` must be 'backbone' or another head")
+      for name in sorted(ready):
+        cfg = pending.pop(name)
+        kw = {k: v for k, v in cfg.items() if k not in ("name", "input")}
+        heads[name] = models.HEADS.get(cfg.name)(dims[cfg.get("input", "backbone")], rngs=rngs, **kw)
+        dims[name] = cfg.get("out_dim", head_out_dim(heads[name], dims["backbone"]))
+    return SSLModel(backbone, heads)
+
+  def views(self, batch: dict, group: int, rng: jax.Array) -> list[jax.Array]:
+    """The augmented, normalised views of crop group `group`, each (b, h, w, 3) float32."""
+    crops = batch[f"views{group}"]
+    presets = tuple(self.config.augment[f"views{group}"])
+    return [device_ops.photometric(crops[:, i], jax.random.fold_in(rng, 97 * group + i),
+                                   presets[i % len(presets)]) for i in range(crops.shape[1])]
+
+  def image_features(self, model: nnx.Module, extras: Any, images: jax.Array) -> jax.Array:
+    return self.eval_model(model, extras).features(self.normalize(images), train=False)
+
+  def eval_model(self, model: nnx.Module, extras: Any) -> nnx.Module:
+    """The network evaluated by k-NN / linear probe (the student unless a teacher is chosen)."""
+    del extras
+    return model
+
+
+def head_out_dim(head: nnx.Module, default: int) -> int:
+  """Output width of a head module (its last Linear), falling back to `default`."""
+  layers = getattr(head, "layers", None)
+  return int(layers[-1].out_features) if layers else default
+
+
+def collapse_monitors(z: jax.Array) -> dict[str, jax.Array]:
+  """Per-dimension std of the L2-normalised embeddings and their effective rank (RankMe)."""
+  return {"embed_std": metrics.embedding_std(z), "embed_std_healthy": jnp.float32(
+      1.0 / np.sqrt(z.shape[-1])), "rankme": metrics.rankme(z)}
+
+
+class TeacherMixin:
+  """A teacher kept as an optax EMA state of the student params (optim.teacher_ema).
+
+  config.teacher: momentum (start, cosine to `momentum_end` over training), init ('copy' or
+  'independent': BYOL's reference draws the target with another seed), eval_on_teacher.
+  """
+
+  config: Any
+  graphdef: Any
+
+  def ema(self) -> Any:
+    """The EMA transformation with its momentum schedule."""
+    cfg = self.config.teacher
+    total = self.config.schedule["total_steps"]
+    return optim.teacher_ema(optim.cosine_ramp(cfg.momentum, cfg.get("momentum_end", 1.0), total))
+
+  def init_teacher(self, params: Any, model_state: Any, rng: jax.Array) -> dict:
+    """{'ema': EMA state holding the teacher params, 'state': the teacher's own BN statistics}."""
+    if self.config.teacher.get("init", "copy") == "independent":
+      other = self.build_model(nnx.Rngs(params=rng))
+      _, params, _ = nnx.split(other, nnx.Param, ...)
+    return {"ema": optim.seed_teacher(self.ema(), params),
+            "state": jax.tree.map(jnp.array, model_state)}
+
+  def update_teacher(self, params: Any, teacher: dict) -> dict:
+    """One EMA step of the teacher towards the updated student."""
+    _, ema_state = self.ema().update(params, teacher["ema"])
+    return {**teacher, "ema": ema_state}
+
+  def teacher_model(self, teacher: dict) -> nnx.Module:
+    """The teacher network (module view)."""
+    return self.merge(optim.teacher_params(teacher["ema"]), teacher["state"])
+
+  def teacher_momentum(self, teacher: dict) -> jax.Array:
+    """The momentum of the last EMA step (logged)."""
+    return teacher["ema"].hyperparams["decay"]

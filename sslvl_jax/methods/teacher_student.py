@@ -1,0 +1,122 @@
+"""Self-distillation without negatives: BYOL, SimSiam and DINO."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import PartitionSpec as P
+
+from sslvl_jax import losses, parallel
+from sslvl_jax.methods import METHODS
+from sslvl_jax.methods.base import StepContext
+from sslvl_jax.methods.ssl import DATA, SSLMethod, TeacherMixin, collapse_monitors, global_batch
+
+
+def run_state(module: nnx.Module) -> Any:
+  """The non-param variables (BN statistics) of a module after a forward pass."""
+  return nnx.split(module, nnx.Param, ...)[2]
+
+
+@METHODS.register("byol")
+class Byol(TeacherMixin, SSLMethod):
+  """BYOL: online predictor regresses the EMA target's projection of the other view (2 - 2cos, summed)."""
+
+  def init_extras(self, params: Any, model_state: Any, rng: jax.Array) -> Any:
+    return {"teacher": self.init_teacher(params, model_state, rng)}
+
+  def loss(self, model: nnx.Module, extras: Any, batch: dict, ctx: StepContext):
+    v1, v2 = self.views(batch, 0, ctx.rng)
+    z1, z2 = (model.projector(model.features(v, train=True), train=True) for v in (v1, v2))
+    p1, p2 = model.predictor(z1, train=True), model.predictor(z2, train=True)
+    target = self.teacher_model(extras["teacher"])  # train-mode BN with its own statistics
+    t1, t2 = (jax.lax.stop_gradient(target.projector(target.features(v, train=True), train=True))
+              for v in (v1, v2))
+    loss = global_batch(losses.byol_loss, self.mesh, DATA, DATA, DATA, DATA)(p1, p2, t1, t2)
+    teacher = {**extras["teacher"], "state": run_state(target)}
+    m = {**collapse_monitors(z1), "teacher_momentum": self.teacher_momentum(teacher)}
+    return loss, m, {**extras, "teacher": teacher}
+
+  def after_update(self, params: Any, extras: Any, step: jax.Array):
+    return params, {**extras, "teacher": self.update_teacher(params, extras["teacher"])}
+
+
+@METHODS.register("simsiam")
+class SimSiam(SSLMethod):
+  """SimSiam: predictor vs stop-gradient projection of the other view, no teacher (averaged)."""
+
+  def loss(self, model: nnx.Module, extras: Any, batch: dict, ctx: StepContext):
+    v1, v2 = self.views(batch, 0, ctx.rng)
+    z1, z2 = (model.projector(model.features(v, train=True), train=True) for v in (v1, v2))
+    p1, p2 = model.predictor(z1, train=True), model.predictor(z2, train=True)
+    fn = lambda *a, axis_name: losses.simsiam_loss(  # noqa: E731
+        *a, axis_name=axis_name, stop_gradient=self.config.loss.get("stop_gradient", True))
+    loss = global_batch(fn, self.mesh, DATA, DATA, DATA, DATA)(p1, p2, z1, z2)
+    return loss, collapse_monitors(z1), extras
+
+
+@METHODS.register("dino")
+class Dino(TeacherMixin, SSLMethod):
+  """DINO: student matches the centred, sharpened EMA teacher across crops (multi-crop)."""
+
+  def init_extras(self, params: Any, model_state: Any, rng: jax.Array) -> Any:
+    out_dim = self.config.model.heads.head.out_dim
+    return {"teacher": self.init_teacher(params, model_state, rng),
+            "center": jnp.zeros((1, out_dim), jnp.float32)}
+
+  def teacher_temp(self, step: jax.Array) -> jax.Array:
+    """Linear warmup per EPOCH (np.linspace over epochs, as the reference), then constant."""
+    cfg = self.config.loss
+    warm = int(cfg.get("teacher_temp_warmup_epochs", 0))
+    if warm <= 0:
+      return jnp.float32(cfg.teacher_temp)
+    table = jnp.asarray(np.linspace(cfg.warmup_teacher_temp, cfg.teacher_temp, warm), jnp.float32)
+    epoch = jnp.floor(step / self.config.schedule["steps_per_epoch"]).astype(jnp.int32)
+    return jnp.where(epoch < warm, table[jnp.minimum(epoch, warm - 1)], cfg.teacher_temp)
+
+  def logits(self, model: nnx.Module, groups: list[list[jax.Array]], train: bool,
+             rng: jax.Array | None) -> jax.Array:
+    """(n_crops, b, K): the backbone runs once per resolution group, the head once on all."""
+    feats = []
+    for g, crops in enumerate(groups):
+      r = None if rng is None else jax.random.fold_in(rng, g)
+      f = model.features(jnp.concatenate(crops), train=train, rng=r)
+      feats.append(f.reshape(len(crops), -1, f.shape[-1]))
+    feats = jnp.concatenate(feats)
+    n, b, d = feats.shape
+    return model.head(feats.reshape(n * b, d), train=train).astype(jnp.float32).reshape(n, b, -1)
+
+  def loss(self, model: nnx.Module, extras: Any, batch: dict, ctx: StepContext):
+    k_aug, k_drop = jax.random.split(ctx.rng)
+    globals_ = self.views(batch, 0, k_aug)
+    groups = [globals_] + [self.views(batch, g, k_aug) for g in range(1, self.num_groups(batch))]
+    student = self.logits(model, groups, True, k_drop)
+    teacher_net = self.teacher_model(extras["teacher"])
+    teacher = jax.lax.stop_gradient(self.logits(teacher_net, [globals_], True, None))
+    cfg = self.config.loss
+    t_temp = self.teacher_temp(ctx.step)
+    spec3 = P(None, parallel.DATA_AXIS, None)
+    args = (student, teacher, extras["center"], cfg.student_temp, t_temp)
+    loss = global_batch(losses.dino_loss, self.mesh, spec3, spec3, P(), P(), P())(*args)
+    mon = global_batch(losses.dino_monitors, self.mesh, spec3, spec3, P(), P(), P())
+    center = global_batch(losses.dino_center_update, self.mesh, P(), spec3, P())(
+        extras["center"], teacher, cfg.center_momentum)
+    m = {**mon(*args), **collapse_monitors(student[0]), "teacher_temp": t_temp,
+         "teacher_momentum": self.teacher_momentum(extras["teacher"])}
+    teacher_state = {**extras["teacher"], "state": run_state(teacher_net)}
+    return loss, m, {**extras, "center": center, "teacher": teacher_state}
+
+  @staticmethod
+  def num_groups(batch: dict) -> int:
+    """Number of crop-size groups in the batch (views0, views1, ...)."""
+    return sum(1 for k in batch if k.startswith("views"))
+
+  def after_update(self, params: Any, extras: Any, step: jax.Array):
+    return params, {**extras, "teacher": self.update_teacher(params, extras["teacher"])}
+
+  def eval_model(self, model: nnx.Module, extras: Any) -> nnx.Module:
+    return self.teacher_model(extras["teacher"]) if self.config.teacher.get(
+        "eval_on_teacher", True) else model
