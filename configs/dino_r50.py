@@ -1,0 +1,10 @@
+"""DINO ResNet-50 (batch 4080, SGD lr 0.03, wd 1e-4, global crops 0.14-1, local 0.05-0.14, as the
+README suggests for ResNet-50); see dino_vits16.py."""
+
+from ml_collections import ConfigDict
+
+from configs.dino_vits16 import dino_config
+
+
+def get_config(arg: str | None = None) -> ConfigDict:
+  return dino_config("resnet50", arg)

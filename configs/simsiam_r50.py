@@ -1,0 +1,44 @@
+"""SimSiam ResNet-50, 100 epochs (Chen & He 2021; facebookresearch/simsiam).
+
+  python -m sslvl_jax.main --config=configs/simsiam_r50.py --workdir=DIR
+
+SGD lr 0.05 x bs/256 (batch 512), momentum 0.9, wd 1e-4, cosine without warmup, predictor at a
+fixed lr (--fix-pred-lr, used for the released runs); projector 3 x 2048 with BN (last BN without
+affine), predictor 2048-512-2048; MoCo v2 augmentations; zero-init residual. Negative cosine with
+stop-gradient, the two directions averaged. `loss.stop_gradient=False` is the paper's collapsing
+ablation. `:digits` / `:smoke` as in every recipe.
+"""
+
+from ml_collections import ConfigDict
+
+from configs import common
+
+
+def get_config(arg: str | None = None) -> ConfigDict:
+  c = ConfigDict()
+  c.method = "simsiam"
+  c.seed = 0
+  c.global_batch_size = 512
+  c.total_epochs = 100
+  c.log_every_steps = 100
+  c.checkpoint_every_steps = 2000
+  c.data = common.imagenet_data("simsiam")
+  c.augment = ConfigDict(dict(views0=("simsiam",)))
+  c.model = ConfigDict(dict(
+      backbone=dict(name="resnet50", zero_init_residual=True),
+      heads=dict(projector=dict(name="simsiam_projector", hidden_dim=2048, out_dim=2048),
+                 predictor=dict(name="simsiam_predictor", input="projector", hidden_dim=512,
+                                out_dim=2048)),
+      dtype="bfloat16"))
+  c.loss = ConfigDict(dict(stop_gradient=True))
+  c.optim = ConfigDict(dict(name="sgd", lr_per_256=0.05, weight_decay=1e-4, momentum=0.9,
+                            warmup_steps=0, constant_lr_rules=("predictor",)))
+  c.evals = ConfigDict(dict(knn=common.knn_eval(20_000)))
+  c.collapse_rules = (("train/embed_std", "<", 0.01),)
+  if arg in ("digits", "smoke"):
+    (common.ssl_on_digits if arg == "digits" else common.ssl_smoke)(c)
+    c.model.backbone.zero_init_residual = True
+    c.model.heads.projector.update(hidden_dim=128, out_dim=128)
+    c.model.heads.predictor.update(hidden_dim=32, out_dim=128)
+    c.optim.warmup_steps = 0
+  return c
