@@ -1,0 +1,211 @@
+"""Evaluation math: DINO k-NN (single device and sharded bank), top-k accuracy, linear probe,
+zero-shot prompt ensembling and assets, image-text retrieval recalls."""
+
+from __future__ import annotations
+
+import jax
+import numpy as np
+import pytest
+from sklearn.linear_model import LogisticRegression
+
+from sslvl_jax import parallel
+from sslvl_jax.errors import ConfigError
+from sslvl_jax.evals import (class_text_embeddings, knn_predict, load_classnames, load_templates,
+                             retrieval_recalls, topk_accuracy, zero_shot_scores)
+from sslvl_jax.evals import linear_probe as linear_probe_lib
+from sslvl_jax.evals.linear_probe import linear_probe
+
+
+# ---- k-NN -------------------------------------------------------------------------------------
+
+
+def _knn_brute_force(train, train_labels, test, num_classes, k, temperature):
+  """DINO eval_knn.py with loops: normalise, sort train rows by cosine, vote exp(sim / T)."""
+  train = train / np.linalg.norm(train, axis=1, keepdims=True)
+  scores = np.zeros((len(test), num_classes))
+  for i, t in enumerate(test):
+    t = t / np.linalg.norm(t)
+    sims = [float(np.dot(t.astype(np.float64), row)) for row in train]
+    for j in sorted(range(len(train)), key=lambda j: -sims[j])[:k]:
+      scores[i, train_labels[j]] += np.exp(sims[j] / temperature)
+  return scores
+
+
+def _knn_data(n_train, n_test=13, dim=16, num_classes=5, seed=0):
+  rng = np.random.default_rng(seed)
+  return (rng.normal(size=(n_train, dim)).astype(np.float32) * rng.uniform(0.5, 3, (n_train, 1)),
+          rng.integers(0, num_classes, n_train),
+          rng.normal(size=(n_test, dim)).astype(np.float32))
+
+
+@pytest.mark.parametrize("k,temperature,test_chunk", [(5, 0.07, 4), (1, 0.5, 256), (50, 0.07, 13)])
+def test_knn_matches_brute_force(k, temperature, test_chunk):
+  train, labels, test = _knn_data(50)
+  got = knn_predict(train, labels, test, num_classes=5, k=k, temperature=temperature,
+                    test_chunk=test_chunk)
+  want = _knn_brute_force(train, labels, test, 5, k, temperature)
+  np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5)
+
+
+@pytest.mark.parametrize("n_train,k", [(64, 5), (61, 20), (61, 61), (9, 3)])
+def test_knn_sharded_bank_equals_unsharded(n_train, k):
+  # 61 rows over 8 devices: 3 padding rows; k=20 > 8 rows per shard: every shard's whole bank is a
+  # candidate; k=61 takes every real row and no padding row.
+  train, labels, test = _knn_data(n_train, seed=n_train)
+  mesh = parallel.make_mesh()
+  single = np.asarray(knn_predict(train, labels, test, num_classes=5, k=k, test_chunk=4))
+  sharded = np.asarray(knn_predict(train, labels, test, num_classes=5, k=k, mesh=mesh,
+                                   test_chunk=4))
+  np.testing.assert_allclose(sharded, single, rtol=1e-5)
+  np.testing.assert_allclose(sharded, _knn_brute_force(train, labels, test, 5, k, 0.07), rtol=1e-5)
+
+
+def test_knn_rejects_k_larger_than_bank():
+  train, labels, test = _knn_data(4)
+  with pytest.raises(ValueError, match="k=5"):
+    knn_predict(train, labels, test, num_classes=5, k=5)
+
+
+def test_topk_accuracy_hand_made():
+  scores = np.array([[0.1, 0.9, 0.0, 0.2, 0.3, 0.4],   # label 1: top-1
+                     [0.5, 0.1, 0.6, 0.0, 0.2, 0.3],   # label 0: second
+                     [0.9, 0.8, 0.7, 0.6, 0.5, 0.4],   # label 4: fifth
+                     [0.9, 0.8, 0.7, 0.6, 0.5, 0.4]])  # label 5: sixth
+  labels = np.array([1, 0, 4, 5])
+  assert topk_accuracy(scores, labels, ks=(1, 2, 5, 6)) == {
+      "top1": 0.25, "top2": 0.5, "top5": 0.75, "top6": 1.0}
+  assert topk_accuracy(scores[:, :3], np.array([1, 0, 2, 2]), ks=(1, 5)) == {"top1": 0.25,
+                                                                            "top5": 1.0}
+
+
+# ---- linear probe -----------------------------------------------------------------------------
+
+
+def _blobs(n, num_classes, dim, seed, spread=1.0):
+  rng = np.random.default_rng(seed)
+  centers = np.random.default_rng(123).normal(size=(num_classes, dim)) * 3
+  y = rng.integers(0, num_classes, n)
+  return (centers[y] + spread * rng.normal(size=(n, dim)) + 5.0).astype(np.float32), y
+
+
+def test_linear_probe_separable_reaches_100_percent():
+  xtr, ytr = _blobs(400, 4, 8, seed=0, spread=0.3)
+  xte, yte = _blobs(200, 4, 8, seed=1, spread=0.3)
+  res = linear_probe(xtr, ytr, xte, yte, num_classes=4, lrs=(1e-2, 1e-1), wds=(0.0, 1e-3),
+                     steps=200)
+  assert res["top1"] == 1.0 and res["top5"] == 1.0 and res["val_top1"] == 1.0
+  assert len(res["sweep"]) == 4 and res["lr"] in (1e-2, 1e-1) and res["weight_decay"] in (0, 1e-3)
+  mini = linear_probe(xtr, ytr, xte, yte, num_classes=4, lrs=(1e-1,), wds=(0.0,), steps=200,
+                      batch_size=32)
+  assert mini["top1"] == 1.0
+
+
+def test_linear_probe_random_labels_is_chance():
+  rng = np.random.default_rng(0)
+  x = rng.normal(size=(2000, 16)).astype(np.float32)
+  y = rng.integers(0, 10, 2000)
+  res = linear_probe(x[:1000], y[:1000], x[1000:], y[1000:], num_classes=10,
+                     lrs=(1e-2, 1e-1), wds=(0.0, 1e-2), steps=200)
+  assert abs(res["top1"] - 0.1) < 0.04 and abs(res["top5"] - 0.5) < 0.06
+
+
+def test_linear_probe_selects_best_held_out_setting_deterministically():
+  xtr, ytr = _blobs(300, 3, 6, seed=2, spread=3.0)
+  xte, yte = _blobs(100, 3, 6, seed=3, spread=3.0)
+  kw = dict(num_classes=3, lrs=(1e-4, 1e-1), wds=(0.0, 10.0), steps=100)
+  res = linear_probe(xtr, ytr, xte, yte, **kw)
+  assert res == linear_probe(xtr, ytr, xte, yte, **kw)
+  best = max(res["sweep"], key=lambda r: r["val_top1"])
+  assert (res["lr"], res["weight_decay"], res["val_top1"]) == (
+      best["lr"], best["weight_decay"], best["val_top1"])
+  assert [(r["lr"], r["weight_decay"]) for r in res["sweep"]] == [
+      (1e-4, 0.0), (1e-4, 10.0), (1e-1, 0.0), (1e-1, 10.0)]
+
+
+def test_linear_probe_optimum_matches_sklearn_logistic_regression():
+  # mean CE + wd/2 |W|^2 on standardised features == sklearn's 0.5 |W|^2 + C sum CE, C = 1/(n wd).
+  x, y = _blobs(300, 3, 5, seed=4, spread=3.0)
+  xte, _ = _blobs(100, 3, 5, seed=5, spread=3.0)
+  wd = 1e-2
+  clf = linear_probe_lib._fit(x, y, 0.05, wd, jax.random.key(0), num_classes=3, steps=500,
+                              batch_size=None)
+  mean, std = x.mean(0), x.std(0) + 1e-6
+  ref = LogisticRegression(C=1 / (len(x) * wd), tol=1e-10, max_iter=10_000).fit((x - mean) / std, y)
+  logits = np.asarray(linear_probe_lib._logits(clf, xte))
+  probs = np.exp(logits - logits.max(1, keepdims=True))
+  probs /= probs.sum(1, keepdims=True)
+  np.testing.assert_allclose(probs, ref.predict_proba((xte - mean) / std), atol=1e-3)
+
+
+# ---- zero-shot --------------------------------------------------------------------------------
+
+CLASSES = ("cat", "dog", "bird", "fish")
+TEMPLATES = ("a photo of a {}.", "a drawing of the {}.", "itap of my {}.")
+
+
+def _toy_text_tower(dim=6, seed=0):
+  """Prompt -> one-hot(class) * template scale + template noise; tokens are (class, template)."""
+  rng = np.random.default_rng(seed)
+  noise = 0.3 * rng.normal(size=(len(TEMPLATES), dim))
+  scale = np.array([1.0, 2.5, 0.7])
+  ids = {t.format(c): (ci, ti) for ci, c in enumerate(CLASSES) for ti, t in enumerate(TEMPLATES)}
+  tokenize = lambda texts: np.array([ids[t] for t in texts])
+  encode = lambda tok: np.eye(dim)[tok[:, 0]] * scale[tok[:, 1], None] + noise[tok[:, 1]]
+  return tokenize, encode
+
+
+def test_prompt_ensemble_is_normalise_mean_renormalise():
+  tokenize, encode = _toy_text_tower()
+  got = np.asarray(class_text_embeddings(encode, tokenize, CLASSES, TEMPLATES))
+  for ci, c in enumerate(CLASSES):
+    e = encode(tokenize([t.format(c) for t in TEMPLATES]))
+    m = (e / np.linalg.norm(e, axis=1, keepdims=True)).mean(0)
+    np.testing.assert_allclose(got[ci], m / np.linalg.norm(m), rtol=1e-5, atol=1e-6)
+    raw = e.mean(0) / np.linalg.norm(e.mean(0))  # mean before normalising: a different vector
+    assert np.abs(got[ci] - raw).max() > 1e-2
+
+
+def test_zero_shot_predictions_on_toy_problem():
+  tokenize, encode = _toy_text_tower()
+  class_emb = class_text_embeddings(encode, tokenize, CLASSES, TEMPLATES)
+  rng = np.random.default_rng(1)
+  labels = rng.integers(0, len(CLASSES), 40)
+  images = (np.eye(6)[labels] + 0.1 * rng.normal(size=(40, 6))) * rng.uniform(0.5, 4, (40, 1))
+  scores = np.asarray(zero_shot_scores(images, class_emb))
+  unit = images / np.linalg.norm(images, axis=1, keepdims=True)
+  np.testing.assert_allclose(scores, unit @ np.asarray(class_emb).T, rtol=1e-5, atol=1e-6)
+  np.testing.assert_array_equal(scores.argmax(1), labels)
+  assert topk_accuracy(scores, labels, ks=(1,)) == {"top1": 1.0}
+
+
+def test_shipped_templates_and_classnames():
+  templates = load_templates("imagenet")
+  assert len(templates) == 80 == len(set(templates))
+  assert all(t.count("{}") == 1 for t in templates)
+  assert templates[0] == "a bad photo of a {}." and templates[-1] == "a tattoo of the {}."
+  names = load_classnames("imagenet")
+  assert len(names) == 1000 and names[:3] == ["tench", "goldfish", "great white shark"]
+  assert names[-1] == "toilet paper"
+  with pytest.raises(ConfigError, match="known: imagenet"):
+    load_templates("no_such_set")
+
+
+# ---- retrieval --------------------------------------------------------------------------------
+
+
+def test_retrieval_recalls_hand_built():
+  # 3 images x 2 captions (text_to_image = 0,0,1,1,2,2). Texts are one-hot, so sim[i, j] is
+  # S[i, j] / |S_i|; every row of S is a permutation of 1..6 (equal norms) with no column ties.
+  s = np.array([[6, 1, 5, 2, 4, 3],    # own captions t0, t1: best t0 at rank 1
+                [5, 4, 1, 3, 6, 2],    # own t2, t3: order t4 t0 t1 t3 -> rank 4
+                [1, 6, 3, 5, 2, 4]],   # own t4, t5: order t1 t3 t5 -> rank 3
+               np.float32)
+  images = s * np.array([[1.0], [3.0], [0.5]], np.float32)  # norms must not matter
+  texts = np.eye(6, dtype=np.float32)
+  # Columns (caption -> image rank): t0 1, t1 3, t2 3, t3 2, t4 3, t5 1.
+  got = retrieval_recalls(images, texts, np.array([0, 0, 1, 1, 2, 2]), ks=(1, 2, 3, 4))
+  assert got == pytest.approx({
+      "image_to_text_r1": 1 / 3, "image_to_text_r2": 1 / 3, "image_to_text_r3": 2 / 3,
+      "image_to_text_r4": 1.0,
+      "text_to_image_r1": 2 / 6, "text_to_image_r2": 3 / 6, "text_to_image_r3": 1.0,
+      "text_to_image_r4": 1.0})
