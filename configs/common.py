@@ -21,16 +21,39 @@ def drop(c: ConfigDict, *keys: str) -> None:
       del c[k]
 
 
+def vl_on_digits(c: ConfigDict, steps: int = 600) -> ConfigDict:
+  """An image-text recipe at CPU scale on the built-in digits (quickstart-sized towers)."""
+  c.data = digits_data()
+  c.model.image = ConfigDict(dict(name="vit_micro", image_size=32, patch_size=8))
+  c.model.text = ConfigDict(dict(name="text_micro", **{k: v for k, v in c.model.text.items()
+                                                       if k in ("causal", "pool")}))
+  c.model.embed_dim = 64
+  c.model.dtype = "float32"
+  c.global_batch_size, c.total_steps = 128, steps
+  drop(c, "total_examples", "total_epochs")
+  drop(c.optim, "warmup_epochs", "warmup_examples")
+  c.optim.update(warmup_steps=50, weight_decay=0.1)
+  drop(c.optim, "lr_per_256", "lr_sqrt")
+  c.optim.lr = 2e-3
+  c.log_every_steps, c.checkpoint_every_steps = 50, 1000
+  c.evals = ConfigDict(dict(zero_shot=dict(
+      type="zero_shot", split="test", classnames="digits", templates="digits_eval",
+      every_steps=0, batch_size=128)))
+  return c
+
+
 def shrink_to_smoke(c: ConfigDict, *, text: bool = True) -> ConfigDict:
   """A few steps of the same recipe on the built-in data with micro towers (`--config=x.py:smoke`)."""
   c.data = digits_data()
   c.model.image = ConfigDict(dict(name="vit_micro", image_size=32, patch_size=8))
   if text:
-    c.model.text = ConfigDict(dict(name="text_micro"))
+    c.model.text = ConfigDict(dict(name="text_micro", **{k: v for k, v in c.model.text.items()
+                                                         if k in ("causal", "pool")}))
     c.model.embed_dim = 32
   c.model.dtype = "float32"
   c.global_batch_size, c.total_steps = 16, 4
   drop(c, "total_examples", "total_epochs")
+  drop(c.optim, "warmup_epochs", "warmup_examples")
   c.optim.warmup_steps = 1
   c.log_every_steps, c.checkpoint_every_steps = 2, 2
   c.evals = ConfigDict()

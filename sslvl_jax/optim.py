@@ -99,6 +99,15 @@ def _lars(cfg: ConfigDict, lr: Schedule, wd: Schedule, mask: Any) -> optax.Gradi
                     nesterov=cfg.get("nesterov", False))
 
 
+@OPTIMIZERS.register("lamb")
+def _lamb(cfg: ConfigDict, lr: Schedule, wd: Schedule, mask: Any) -> optax.GradientTransformation:
+  # ALIGN's optimiser: Adam moments, decoupled decay, layer-wise trust ratio.
+  return optax.chain(optax.scale_by_adam(b1=cfg.get("b1", 0.9), b2=cfg.get("b2", 0.999),
+                                         eps=cfg.get("eps", 1e-6)),
+                     optax.add_decayed_weights(wd, mask), optax.scale_by_trust_ratio(),
+                     optax.scale_by_learning_rate(lr))
+
+
 def clip_per_tensor(max_norm: float) -> optax.GradientTransformation:
   """Clip each gradient tensor's norm separately (DINO's `clip_gradients`, not a global norm)."""
   def update(updates, state, params=None):

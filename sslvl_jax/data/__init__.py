@@ -82,7 +82,7 @@ def example_transform(cfg: ConfigDict, example: str, *, train: bool) -> Transfor
   """Bind the host transform `example` to the data config."""
   kwargs = {"image_size": cfg.image_size, "train": train}
   kwargs.update({k: cfg[k] for k in EXAMPLE_OPTIONS if cfg.get(k) is not None})
-  if cfg.get("tokenizer") and example == "image_text":
+  if cfg.get("tokenizer") and example.startswith("image_text"):
     kwargs["tokenizer_spec"] = tokenizer_spec(cfg)
   return Transform(EXAMPLES.get(example), kwargs)
 

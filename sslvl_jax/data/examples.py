@@ -99,3 +99,14 @@ def multi_view(record: dict, rng: np.random.Generator, *, crops: str | None = No
     out[f"views{g}"] = np.stack(flat[i:i + count])
     i += count
   return _with_label(out, record)
+
+
+@EXAMPLES.register("image_text_views")
+def image_text_views(record: dict, rng: np.random.Generator, **kwargs) -> dict:
+  """SLIP example: the CLIP example plus SSL crops of the same image (`views0`, ...)."""
+  img = record_image(record)
+  rec = {**record, "image": img}
+  rec.pop("image_bytes", None)
+  out = image_text(rec, rng, **kwargs)
+  views = multi_view(rec, rng, **kwargs)
+  return {**out, **{k: v for k, v in views.items() if k.startswith("views")}}

@@ -19,10 +19,8 @@ from ml_collections import ConfigDict
 from sslvl_jax import data, parallel
 from sslvl_jax.data import builtin
 from sslvl_jax.data.examples import tokenizer
-from sslvl_jax.evals import knn, linear_probe, zero_shot
-from sslvl_jax.registry import Registry
+from sslvl_jax.evals import EVALUATORS, knn, linear_probe, zero_shot
 
-EVALUATORS: Registry = Registry("evaluator")
 CLASSNAMES = {"digits": builtin.CLASSNAMES}
 TEMPLATES = {"digits_eval": builtin.EVAL_TEMPLATES, "digits_train": builtin.TRAIN_TEMPLATES}
 

@@ -1,7 +1,8 @@
-"""Image-text contrastive methods: CLIP (softmax InfoNCE) and SigLIP (pairwise sigmoid)."""
+"""Image-text contrastive methods: CLIP (and ALIGN), SigLIP, SLIP and UniCL."""
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 from typing import Any
@@ -12,6 +13,7 @@ from flax import nnx
 from jax.sharding import PartitionSpec as P
 
 from sslvl_jax import data, losses, models, parallel
+from sslvl_jax.data import device_ops
 from sslvl_jax.data.examples import tokenizer
 from sslvl_jax.methods import METHODS
 from sslvl_jax.methods.base import Method, StepContext
@@ -96,3 +98,54 @@ class SigLip(ImageText):
     d = P(parallel.DATA_AXIS)
     loss = parallel.sharded_loss(fn, self.mesh, (d, d, P(), P()))(img, txt, scale, bias)
     return loss, {"logit_scale": scale, "logit_bias": bias}, extras
+
+
+@METHODS.register("slip")
+class Slip(Clip):
+  """SLIP: CLIP loss + `loss.ssl_weight` x SimCLR loss on two augmented views through the shared
+  image tower and its own MLP head (4096-4096-256 with BN), temperature `loss.ssl_temperature`."""
+
+  example = "image_text_views"
+
+  def build_model(self, rngs: nnx.Rngs) -> nnx.Module:
+    model = super().build_model(rngs)
+    cfg = self.config.model.ssl_head
+    model.ssl_head = models.MLPHead(models.width_of(model.image), [cfg.hidden_dim] * 2,
+                                    cfg.out_dim, rngs=rngs)
+    return model
+
+  def loss(self, model: nnx.Module, extras: Any, batch: dict, ctx: StepContext
+           ) -> tuple[jax.Array, dict, Any]:
+    k_clip, k_aug, k1, k2 = jax.random.split(ctx.rng, 4)
+    clip, m, extras = super().loss(model, extras, batch, dataclasses.replace(ctx, rng=k_clip))
+    views = batch["views0"]
+    preset = self.config.augment.views0[0]
+    z = [models.l2_normalize(model.ssl_head(
+        model.image(device_ops.photometric(views[:, i], jax.random.fold_in(k_aug, i), preset),
+                    train=True, rng=r)["pooled"], train=True)) for i, r in ((0, k1), (1, k2))]
+    fn = functools.partial(losses.nt_xent_loss, temperature=self.config.loss.ssl_temperature,
+                           axis_name=parallel.DATA_AXIS)
+    d = P(parallel.DATA_AXIS)
+    ssl = parallel.sharded_loss(fn, self.mesh, (d, d))(*z)
+    w = self.config.loss.ssl_weight
+    return clip + w * ssl, {**m, "clip_loss": clip, "ssl_loss": ssl}, extras
+
+
+@METHODS.register("unicl")
+class UniCl(Clip):
+  """UniCL: image-text-label contrastive; pairs sharing a class label are all positives.
+
+  Examples without a label (label < 0: plain image-text pairs) get a label of their own, so a
+  batch can mix image-text and image-label data; with all labels distinct this is CLIP.
+  """
+
+  def loss(self, model: nnx.Module, extras: Any, batch: dict, ctx: StepContext
+           ) -> tuple[jax.Array, dict, Any]:
+    img, txt = self.embed(model, batch, ctx.rng)
+    scale = jnp.exp(model.logit_scale[...])
+    labels = batch["label"]
+    labels = jnp.where(labels < 0, -1 - jnp.arange(labels.shape[0]), labels)
+    fn = functools.partial(losses.unicl_loss, axis_name=parallel.DATA_AXIS)
+    d = P(parallel.DATA_AXIS)
+    loss = parallel.sharded_loss(fn, self.mesh, (d, d, d, P()))(img, txt, labels, scale)
+    return loss, {"logit_scale": scale}, extras
