@@ -37,6 +37,7 @@ def main(argv: list[str]) -> None:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   if not _WORKDIR.value:
     raise app.UsageError("--workdir is required")
+  logging.set_verbosity(logging.WARNING)  # library INFO chatter (orbax) off; progress is printed
   maybe_initialize_distributed()
   from sslvl_jax import config_check, train  # pylint: disable=g-import-not-at-top
   config = _CONFIG.value

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import math
 import os
@@ -98,16 +99,26 @@ def make_train_step(method: Method, tx: optax.GradientTransformation, schedule, 
   return jax.jit(step_fn, in_shardings=(rep, dat, rep), out_shardings=(rep, rep), donate_argnums=0)
 
 
-def run(config: ConfigDict, workdir: str) -> dict[str, float]:
-  """Train `config` in `workdir` (resuming if it holds a checkpoint); returns the final metrics."""
+@dataclasses.dataclass
+class Setup:
+  """Everything built from a config before the loop (shared by training and evaluate.py)."""
+
+  config: ConfigDict
+  mesh: Any
+  method: Method
+  batches: data.GlobalBatches
+  state: TrainState
+  tx: optax.GradientTransformation
+  schedule: Any
+  ckpt: checkpoint.Checkpointer
+  total_steps: int
+
+
+def setup(config: ConfigDict, workdir: str, *, step: int | None = None) -> Setup:
+  """Build mesh, data, method and state; restore checkpoint `step` (default: the latest)."""
   config = copy.deepcopy(config)
   mesh = parallel.make_mesh(config.get("num_devices"))
   parallel.check_batch_divides(config.global_batch_size, mesh)
-  writer = metrics.Writer(workdir)
-  if jax.process_index() == 0:
-    with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
-      f.write(config.to_json_best_effort(indent=2))
-
   train_source = data.source(config.data, "train")
   steps_per_epoch = len(train_source) / config.global_batch_size
   total_steps = to_steps(config, "total", steps_per_epoch, config.global_batch_size)
@@ -125,18 +136,45 @@ def run(config: ConfigDict, workdir: str) -> dict[str, float]:
       local_batch_size=local_bs, seed=config.seed, train=True,
       worker_count=config.data.get("worker_count", 0))
   batches = data.GlobalBatches(dataset, mesh)
-
-  rng = jax.random.key(config.seed)
   tx_builder = lambda p: optim.build(config.optim, p, total_steps=total_steps,  # noqa: E731
                                      global_batch_size=config.global_batch_size,
                                      steps_per_epoch=steps_per_epoch)
-  state, (tx, schedule) = init_state(method, tx_builder, rng, mesh)
+  state, (tx, schedule) = init_state(method, tx_builder, jax.random.key(config.seed), mesh)
   ckpt = checkpoint.Checkpointer(workdir, max_to_keep=config.get("keep_checkpoints", 3))
-  start = ckpt.latest_step()
-  if start is not None:
-    state, _ = ckpt.restore(start, checkpoint.abstract_like(state), batches.grain_iter)
-    writer.log(f"resumed from step {start} in {ckpt.directory}")
+  step = ckpt.latest_step() if step is None else step
+  if step:
+    state, _ = ckpt.restore(step, checkpoint.abstract_like(state), batches.grain_iter)
+  return Setup(config, mesh, method, batches, state, tx, schedule, ckpt, total_steps)
+
+
+def run_evaluators(evaluators: dict, s: Setup, state: TrainState, step: int, total_steps: int,
+                   writer: metrics.Writer, workdir: str, force: bool = False) -> dict[str, float]:
+  """Run the evaluators due at `step` (all with `force`); write and return their results."""
+  out = {}
+  for name, ev in evaluators.items():
+    if force or ev.due(step, total_steps):
+      res = ev.run(s.method.merge(state.params, state.model_state), state.extras)
+      res = {f"{name}/{k}": v for k, v in res.items()}
+      writer.write(step, res)
+      writer.log(f"eval step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in res.items()))
+      eval_tasks.save_result(workdir, name, step, res, ev.settings())
+      out.update(res)
+  return out
+
+
+def run(config: ConfigDict, workdir: str) -> dict[str, float]:
+  """Train `config` in `workdir` (resuming if it holds a checkpoint); returns the final metrics."""
+  writer = metrics.Writer(workdir)
+  if jax.process_index() == 0:
+    with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
+      f.write(config.to_json_best_effort(indent=2))
+  s = setup(config, workdir)
+  config, mesh, method, batches, state = s.config, s.mesh, s.method, s.batches, s.state
+  tx, schedule, ckpt, total_steps = s.tx, s.schedule, s.ckpt, s.total_steps
+  rng = jax.random.key(config.seed)
   start = int(state.step)
+  if start:
+    writer.log(f"resumed from step {start} in {ckpt.directory}")
   train_step = make_train_step(method, tx, schedule, mesh)
   evaluators = eval_tasks.build_all(config.get("evals", {}), method, mesh)
   throughput = metrics.Throughput(config.global_batch_size, total_steps)
@@ -164,14 +202,7 @@ def run(config: ConfigDict, workdir: str) -> dict[str, float]:
         writer.write(step, m)
         writer.log(metrics.format_line(step, total_steps, m))
         last.update(m)
-      for name, ev in evaluators.items():
-        if ev.due(step, total_steps):
-          res = ev.run(method.merge(state.params, state.model_state), state.extras)
-          res = {f"{name}/{k}": v for k, v in res.items()}
-          writer.write(step, res)
-          writer.log(f"eval step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in res.items()))
-          eval_tasks.save_result(workdir, name, step, res)
-          last.update(res)
+      last.update(run_evaluators(evaluators, s, state, step, total_steps, writer, workdir))
       preempted = stop.should_stop()
       if step % ckpt_every == 0 or step == total_steps or preempted:
         ckpt.save(step, state, batches.grain_iter, {"step": step, "config": config.method})

@@ -151,10 +151,11 @@ def build_all(cfg: ConfigDict, method: Any, mesh: Any) -> dict[str, Evaluator]:
   return {name: EVALUATORS.get(c.type)(c, method, mesh) for name, c in cfg.items()}
 
 
-def save_result(workdir: str, name: str, step: int, result: dict) -> None:
-  """WORKDIR/evals/<name>_<step>.json (process 0)."""
+def save_result(workdir: str, name: str, step: int, result: dict, settings: dict) -> None:
+  """WORKDIR/evals/<name>_<step>.json with the results and every setting used (process 0)."""
   if jax.process_index() != 0:
     return
   os.makedirs(os.path.join(workdir, "evals"), exist_ok=True)
   with open(os.path.join(workdir, "evals", f"{name}_{step}.json"), "w", encoding="utf-8") as f:
-    json.dump({k: float(v) for k, v in result.items()}, f, indent=1)
+    json.dump({"step": step, "results": {k: float(v) for k, v in result.items()},
+               "settings": settings}, f, indent=1, default=str)

@@ -102,8 +102,10 @@ class Dino(TeacherMixin, SSLMethod):
     args = (student, teacher, extras["center"], cfg.student_temp, t_temp)
     loss = global_batch(losses.dino_loss, self.mesh, spec3, spec3, P(), P(), P())(*args)
     mon = global_batch(losses.dino_monitors, self.mesh, spec3, spec3, P(), P(), P())
-    center = global_batch(losses.dino_center_update, self.mesh, P(), spec3, P())(
-        extras["center"], teacher, cfg.center_momentum)
+    center = extras["center"]
+    if cfg.get("centering", True):  # False: the paper's collapsing ablation (center stays 0)
+      center = global_batch(losses.dino_center_update, self.mesh, P(), spec3, P())(
+          center, teacher, cfg.center_momentum)
     m = {**mon(*args), **collapse_monitors(student[0]), "teacher_temp": t_temp,
          "teacher_momentum": self.teacher_momentum(extras["teacher"])}
     teacher_state = {**extras["teacher"], "state": run_state(teacher_net)}
