@@ -150,7 +150,9 @@ def build(cfg: ConfigDict, params: Any, *, total_steps: int, global_batch_size: 
   weight_decay_end (cosine wd schedule, DINO), no_decay_rules (regexes), clip_grad_norm (global)
   or clip_grad_per_tensor, constant_lr_rules (regexes of params kept at the base lr, SimSiam's
   predictor), freeze_rules ((regex, epochs), ...): params whose update is zero for that long
-  (DINO's last layer in epoch 1).
+  (DINO's last layer in epoch 1), lr_multiplier_rules ((regex, factor), ...): params trained at
+  factor x the scheduled lr (Barlow Twins' biases and BN at 0.0048 / 0.2). A param follows the
+  first matching rule, in the order constant, freeze, multiplier.
   """
   peak = base_lr(cfg, global_batch_size)
   lr = warmup_cosine(peak, total_steps, cfg.get("warmup_steps", 0), end_lr=cfg.get("end_lr", 0.0))
@@ -172,6 +174,9 @@ def build(cfg: ConfigDict, params: Any, *, total_steps: int, global_batch_size: 
     n = int(round(epochs * steps_per_epoch))
     groups[f"frozen:{rx}"] = frozen_for(make(cfg, shifted(lr, n), shifted(wd, n), mask), n)
     rules.append((rx, f"frozen:{rx}"))
+  for rx, factor in cfg.get("lr_multiplier_rules", ()):
+    groups[f"lr_x{factor}:{rx}"] = make(cfg, lambda c, f=float(factor): f * lr(c), wd, mask)
+    rules.append((rx, f"lr_x{factor}:{rx}"))
   tx = groups["default"] if not rules else optax.multi_transform(
       groups, rule_mask(params, rules, "default"))
   parts = []
@@ -193,9 +198,12 @@ def teacher_ema(momentum: optax.Schedule | float) -> optax.GradientTransformatio
 
 def seed_teacher(tx: optax.GradientTransformation, params: Any) -> Any:
   """EMA state whose teacher params equal `params` (a copy)."""
-  state = tx.init(params)
-  inner = state.inner_state._replace(ema=jax.tree.map(jnp.array, params))
-  return state._replace(inner_state=inner)
+  return set_teacher_params(tx.init(params), jax.tree.map(jnp.array, params))
+
+
+def set_teacher_params(ema_state: Any, params: Any) -> Any:
+  """The EMA state with its teacher params replaced."""
+  return ema_state._replace(inner_state=ema_state.inner_state._replace(ema=params))
 
 
 def teacher_params(ema_state: Any) -> Any:

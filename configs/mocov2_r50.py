@@ -1,0 +1,56 @@
+"""MoCo v2 ResNet-50, 200 epochs (Chen et al. 2020; facebookresearch/moco `--mlp --moco-t 0.2
+--aug-plus --cos`).
+
+  python -m sslvl_jax.main --config=configs/mocov2_r50.py --workdir=DIR
+
+Query encoder + momentum key encoder (m = 0.999 constant, a copy at init, updated before the key
+forward); queue of K = 65536 L2-normalised keys (K must be a multiple of the global batch); InfoNCE
+with T = 0.2, not symmetrised; MLP head 2048-2048-128 without BN. Shuffle BN: BN statistics per
+group of 32 examples (the reference's images per GPU at batch 256 on 8 GPUs) in both encoders,
+and the key forward runs on a random permutation of the global batch (`model.shuffle_bn`). SGD lr
+0.03 x bs/256 (batch 256), momentum 0.9, wd 1e-4, cosine without warm-up; aug+ augmentations.
+The reference decays every parameter; our optimisers never decay biases and BN parameters.
+`:digits` trains the same recipe at CPU scale on the built-in digits; `:smoke` runs 4 steps.
+"""
+
+from ml_collections import ConfigDict
+
+from configs import common
+
+
+def get_config(arg: str | None = None) -> ConfigDict:
+  c = ConfigDict()
+  c.method = "mocov2"
+  c.seed = 0
+  c.global_batch_size = 256
+  c.total_epochs = 200
+  c.log_every_steps = 100
+  c.checkpoint_every_steps = 5000
+  c.data = common.imagenet_data("mocov2")
+  c.augment = ConfigDict(dict(views0=("mocov2",)))
+  c.model = ConfigDict(dict(
+      backbone=dict(name="resnet50"),
+      heads=dict(projector=dict(name="moco_v2_projector", hidden_dim=2048, out_dim=128)),
+      bn_group_size=32, shuffle_bn=True, dtype="bfloat16"))
+  c.teacher = ConfigDict(dict(momentum=0.999, momentum_end=0.999, init="copy",
+                              eval_on_teacher=False))
+  c.loss = ConfigDict(dict(temperature=0.2, queue_size=65536))
+  c.optim = ConfigDict(dict(name="sgd", lr_per_256=0.03, weight_decay=1e-4, momentum=0.9,
+                            warmup_steps=0))
+  c.evals = ConfigDict(dict(knn=common.knn_eval(20_000)))
+  c.collapse_rules = (("train/embed_std", "<", 0.01),)
+  if arg == "digits":
+    common.ssl_on_digits(c, backbone="resnet18")
+    common.drop(c.data, "mean", "std")  # evaluate with the presets' ImageNet normalisation
+    c.model.heads.projector.update(hidden_dim=256, out_dim=64)
+    c.loss.queue_size = 1024  # below the 1,500 training images, as 65536 is below ImageNet's
+    c.teacher.update(momentum=0.99, momentum_end=0.99)
+    c.optim.update(lr_per_256=0.3, warmup_steps=0)  # solo-learn's CIFAR MoCo v2+ lr
+  elif arg == "smoke":
+    common.ssl_smoke(c, backbone="resnet18")
+    common.drop(c.data, "mean", "std")
+    c.model.heads.projector.update(hidden_dim=32, out_dim=16)
+    c.model.bn_group_size = 8
+    c.loss.queue_size = 64
+    c.optim.warmup_steps = 0
+  return c
