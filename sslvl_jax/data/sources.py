@@ -1,7 +1,8 @@
-"""Random-access data sources. Each yields records {'image' | 'image_bytes', 'text'?, 'label'?, 'key'}.
+"""Random-access data sources: records {'image' | 'image_bytes', 'text'?, 'label'?, 'key'}.
 
-Sources only read; decoding and transforms happen in the host transform, so a bad file surfaces
-in one place and is skipped there. All are picklable, for grain's worker processes.
+Sources only read (TFDS alone decodes, inside tfds); decoding and transforms happen in the host
+transform. Any exception while reading or transforming a record makes it skipped and counted
+(pipeline.ReadExample). All sources are picklable, for grain's worker processes.
 """
 
 from __future__ import annotations
@@ -9,11 +10,12 @@ from __future__ import annotations
 import csv
 import glob
 import json
+import logging
 import os
 import re
 import struct
 import tarfile
-from typing import Any, Iterable
+from typing import Iterable
 
 import numpy as np
 
@@ -39,18 +41,25 @@ def brace_expand(pattern: str) -> list[str]:
 
 
 def expand_paths(spec: str | Iterable[str]) -> list[str]:
-  """Files of a brace/glob pattern, a comma-free list, or a list of patterns; error if none."""
+  """Files of a brace/glob pattern or a list of them, in order; error if a pattern matches none."""
   specs = [spec] if isinstance(spec, str) else list(spec)
   out = []
   for s in specs:
     for p in brace_expand(os.path.expanduser(s)):
-      out.extend(sorted(glob.glob(p)) if any(c in p for c in "*?[") else [p])
+      matches = sorted(glob.glob(p)) if any(c in p for c in "*?[") else [p]
+      if not matches:
+        raise ConfigError(f"no files match {p!r} (from {spec!r})")
+      out.extend(matches)
   if not out:
-    raise ConfigError(f"no files match {spec!r}")
+    raise ConfigError(f"no files in {spec!r}")
   missing = [p for p in out if not os.path.exists(p)]
   if missing:
     raise ConfigError(f"{len(missing)} of {len(out)} files do not exist, e.g. {missing[0]!r}")
   return out
+
+
+class EmptyCaptionError(ValueError):
+  """A captioned record whose caption is empty (useless for image-text training)."""
 
 
 def _read(path: str) -> bytes:
@@ -59,18 +68,21 @@ def _read(path: str) -> bytes:
 
 
 class ImageFolder:
-  """root/<class>/<image>: labels are the sorted class-folder names' indices."""
+  """root/<class>/**/<image> (torchvision ImageFolder): labels index the sorted class folders.
+
+  Hidden folders ('.ipynb_checkpoints', ...) are skipped, as classes and inside classes.
+  """
 
   def __init__(self, root: str):
     root = os.path.expanduser(root)
     if not os.path.isdir(root):
-      raise ConfigError(f"image folder {root!r} does not exist; set data.root")
-    self.classes = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)))
+      raise ConfigError(f"image folder {root!r} does not exist; check data.splits")
+    self.classes = sorted(d for d in os.listdir(root)
+                          if not d.startswith(".") and os.path.isdir(os.path.join(root, d)))
     if not self.classes:
-      raise ConfigError(f"image folder {root!r} has no class sub-folders (expected root/<class>/*.jpg)")
-    self.items = [(os.path.join(c, f), i) for i, c in enumerate(self.classes)
-                  for f in sorted(os.listdir(os.path.join(root, c)))
-                  if f.lower().endswith(IMAGE_EXTENSIONS)]
+      raise ConfigError(f"image folder {root!r} has no class sub-folders "
+                        "(expected root/<class>/*.jpg)")
+    self.items = [(rel, i) for i, c in enumerate(self.classes) for rel in _images_under(root, c)]
     if not self.items:
       raise ConfigError(f"image folder {root!r} has no images with extensions {IMAGE_EXTENSIONS}")
     self.root = root
@@ -79,7 +91,7 @@ class ImageFolder:
     return len(self.items)
 
   def key(self, index: int) -> str:
-    """The record's relative path."""
+    """The record's path relative to the root."""
     return self.items[index][0]
 
   def __getitem__(self, index: int) -> dict:
@@ -87,16 +99,31 @@ class ImageFolder:
     return {"image_bytes": _read(os.path.join(self.root, rel)), "label": label, "key": rel}
 
 
+def _images_under(root: str, folder: str) -> list[str]:
+  """Image files under root/folder at any depth, relative to root, in sorted walk order."""
+  out = []
+  for dirpath, dirnames, filenames in os.walk(os.path.join(root, folder), followlinks=True):
+    dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+    rel = os.path.relpath(dirpath, root)
+    out.extend(os.path.join(rel, f) for f in sorted(filenames)
+               if f.lower().endswith(IMAGE_EXTENSIONS))
+  return out
+
+
 class CaptionTable:
-  """open_clip-style CSV/TSV: an image-path column and a caption column (paths relative to `root`)."""
+  """open_clip-style CSV/TSV: image-path and caption columns (paths relative to `root`).
+
+  The delimiter is a tab for .tsv/.tab files, else a comma. A row with an empty caption is
+  unreadable (EmptyCaptionError), so it is skipped and counted like a missing image.
+  """
 
   def __init__(self, path: str, *, image_column: str = "filepath", caption_column: str = "title",
                root: str | None = None, label_column: str | None = None):
     path = os.path.expanduser(path)
     if not os.path.isfile(path):
-      raise ConfigError(f"caption table {path!r} does not exist; set data.path")
+      raise ConfigError(f"caption table {path!r} does not exist; check data.splits")
     delim = "\t" if path.endswith((".tsv", ".tab")) else ","
-    with open(path, encoding="utf-8", newline="") as f:
+    with open(path, encoding="utf-8-sig", newline="") as f:  # -sig: spreadsheet exports add a BOM
       reader = csv.DictReader(f, delimiter=delim)
       cols = reader.fieldnames or []
       for c in (image_column, caption_column) + ((label_column,) if label_column else ()):
@@ -108,7 +135,7 @@ class CaptionTable:
     self.root = os.path.expanduser(root) if root else os.path.dirname(os.path.abspath(path))
     self.paths = [p for p, _, _ in rows]
     self.captions = [c for _, c, _ in rows]
-    self.labels = [int(l) for _, _, l in rows] if label_column else None
+    self.labels = [l for _, _, l in rows] if label_column else None
 
   def __len__(self) -> int:
     return len(self.paths)
@@ -118,24 +145,26 @@ class CaptionTable:
     return self.paths[index]
 
   def __getitem__(self, index: int) -> dict:
-    if not self.captions[index].strip():
-      raise ValueError(f"empty caption for {self.paths[index]}")
+    if not (self.captions[index] or "").strip():  # a short row reads as None
+      raise EmptyCaptionError(f"empty caption for {self.paths[index]}")
     rec = {"image_bytes": _read(os.path.join(self.root, self.paths[index])),
            "text": self.captions[index], "key": self.paths[index]}
     if self.labels is not None:
-      rec["label"] = self.labels[index]
+      rec["label"] = int(self.labels[index])
     return rec
 
 
 class TarShards:
   """webdataset tar shards as written by img2dataset ({key}.jpg + {key}.txt), random access.
 
-  On first use each shard's member offsets are indexed (headers only) and cached in memory; at
-  LAION scale convert to ArrayRecord instead (`python -m sslvl_jax.data.convert`).
+  The sample key is the member path up to the first dot of its file name. Each shard's member
+  offsets are indexed (headers only) when the source is built and kept in memory; at LAION scale
+  convert to ArrayRecord instead (`python -m sslvl_jax.data.convert`). Shards must be
+  uncompressed tar: gzip has no random access.
   """
 
-  def __init__(self, shards: str | list[str], *, image_exts: tuple[str, ...] = ("jpg", "jpeg", "png",
-                                                                              "webp"),
+  def __init__(self, shards: str | list[str], *,
+               image_exts: tuple[str, ...] = ("jpg", "jpeg", "png", "webp"),
                text_ext: str = "txt", label_ext: str = "cls"):
     self.shards = expand_paths(shards)
     self.image_exts, self.text_ext, self.label_ext = image_exts, text_ext, label_ext
@@ -146,17 +175,21 @@ class TarShards:
       raise ConfigError(f"no samples with an image member in {shards!r}")
 
   def _scan(self, shard: str) -> list[tuple[str, dict[str, tuple[int, int]]]]:
+    with open(shard, "rb") as f:
+      if f.read(2) == b"\x1f\x8b":
+        raise ConfigError(f"{shard} is gzip-compressed; random access needs plain .tar shards "
+                          "(gunzip them, or convert with `python -m sslvl_jax.data.convert`)")
     groups: dict[str, dict[str, tuple[int, int]]] = {}
     try:
       with tarfile.open(shard, "r:") as tar:
         for m in tar:
-          if not m.isfile() or "." not in os.path.basename(m.name):
-            continue
           base = os.path.basename(m.name)
-          key = os.path.join(os.path.dirname(m.name), base.split(".", 1)[0])
-          groups.setdefault(key, {})[base.split(".", 1)[1].lower()] = (m.offset_data, m.size)
+          if not m.isfile() or "." not in base:
+            continue
+          stem, ext = base.split(".", 1)
+          key = os.path.join(os.path.dirname(m.name), stem)
+          groups.setdefault(key, {})[ext.lower()] = (m.offset_data, m.size)
     except (tarfile.TarError, OSError) as e:  # a truncated shard keeps what was readable
-      import logging  # pylint: disable=g-import-not-at-top
       logging.warning("shard %s is damaged after %d samples: %s", shard, len(groups), e)
     return [(k, v) for k, v in groups.items() if any(e in v for e in self.image_exts)]
 
@@ -164,19 +197,22 @@ class TarShards:
     return len(self.index)
 
   def key(self, index: int) -> str:
-    """shard:key of the record."""
+    """shard-file-name:key of the record."""
     si, key, _ = self.index[index]
-    return f"{self.shards[si]}:{key}"
+    return f"{os.path.basename(self.shards[si])}:{key}"
 
   def __getitem__(self, index: int) -> dict:
-    si, key, members = self.index[index]
+    si, _, members = self.index[index]
     with open(self.shards[si], "rb") as f:
       def member(ext):
         off, size = members[ext]
         f.seek(off)
-        return f.read(size)
+        data = f.read(size)
+        if len(data) != size:
+          raise ValueError(f"member .{ext} truncated ({len(data)} of {size} bytes)")
+        return data
       ext = next(e for e in self.image_exts if e in members)
-      rec = {"image_bytes": member(ext), "key": f"{os.path.basename(self.shards[si])}:{key}"}
+      rec = {"image_bytes": member(ext), "key": self.key(index)}
       if self.text_ext in members:
         rec["text"] = member(self.text_ext).decode("utf-8").strip()
       if self.label_ext in members:
@@ -218,13 +254,25 @@ class ArrayRecords:
 
 
 class Tfds:
-  """A prepared TFDS dataset through `tfds.data_source` (ArrayRecord), with split slicing."""
+  """A prepared TFDS dataset through `tfds.data_source` (ArrayRecord format), with split slicing.
+
+  Nothing is downloaded: prepare the dataset first (`tfds build NAME --file_format=array_record`,
+  ImageNet needs its manual download) and point `data_dir` at it. TFDS decodes the image.
+  """
 
   def __init__(self, dataset: str, split: str, *, data_dir: str | None = None,
                image_key: str = "image", label_key: str | None = "label",
                text_key: str | None = None):
     import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
-    self.source = tfds.data_source(dataset, split=split, data_dir=data_dir, download=False)
+    try:
+      self.source = tfds.data_source(dataset, split=split, data_dir=data_dir, download=False)
+    except (NotImplementedError, AssertionError, ValueError, OSError) as e:
+      reason = (str(e).splitlines() or [""])[0]
+      raise ConfigError(
+          f"TFDS dataset {dataset!r} split {split!r} is not readable from data_dir={data_dir!r}: "
+          f"{type(e).__name__}: {reason}. Prepare it in ArrayRecord format "
+          f"(`tfds build {dataset} --file_format=array_record --data_dir=DIR`) and set "
+          "data.data_dir=DIR") from e
     self.name = f"{dataset}/{split}"
     self.image_key, self.label_key, self.text_key = image_key, label_key, text_key
 
@@ -237,15 +285,10 @@ class Tfds:
 
   def __getitem__(self, index: int) -> dict:
     ex = self.source[index]
-    rec = {"image": np.asarray(ex[self.image_key]), "key": f"{self.name}:{index}"}
+    rec = {"image": np.asarray(ex[self.image_key]), "key": self.key(index)}
     if self.label_key and self.label_key in ex:
       rec["label"] = int(ex[self.label_key])
     if self.text_key:
       t = ex[self.text_key]
       rec["text"] = t.decode("utf-8") if isinstance(t, bytes) else str(t)
     return rec
-
-
-def describe(source: Any) -> dict[str, Any]:
-  """Size and kind of a source, for logs."""
-  return {"kind": type(source).__name__, "records": len(source)}
