@@ -22,7 +22,8 @@ def get_config(arg: str | None = None) -> ConfigDict:
   c.total_steps = 1_200_000
   c.log_every_steps = 100
   c.checkpoint_every_steps = 2000
-  c.data = ConfigDict(dict(name="webdataset", splits=dict(train=""), image_size=224, tokenizer="",
+  c.data = common.data_config(**dict(
+      name="webdataset", splits=dict(train=""), image_size=224, tokenizer="",
                            context_length=64, worker_count=16, mean=common.CLIP_MEAN,
                            std=common.CLIP_STD))
   c.model = ConfigDict(dict(

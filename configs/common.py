@@ -1,17 +1,30 @@
 """Helpers shared by recipe configs: the smoke-run shrink, the built-in data block, CLIP evals."""
 
-from ml_collections import ConfigDict
+from ml_collections import ConfigDict, config_dict
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
+def data_config(**fields) -> ConfigDict:
+  """A data config with every field a source reads declared, so each can be set from the CLI."""
+  str_field = lambda: config_dict.placeholder(str)  # noqa: E731
+  d = dict(name="digits", splits=dict(train="", test=""), image_size=224, tokenizer="",
+           context_length=77, worker_count=0, max_skip_fraction=0.05,
+           image_column="filepath", caption_column="title", label_column=str_field(),
+           image_root=str_field(), text_ext="txt", dataset=str_field(), data_dir=str_field(),
+           text_key=str_field(), crops=str_field(), eval_resize_ratio=1.0,
+           crop_groups=config_dict.placeholder(tuple),
+           train_crop_scale=config_dict.placeholder(tuple))
+  d.update(fields)
+  return ConfigDict(d)
+
+
 def digits_data(**overrides) -> ConfigDict:
   """The built-in handwritten-digits image-text data (no download)."""
-  d = dict(name="digits", image_size=32, tokenizer="builtin:digits", context_length=24,
-           worker_count=0, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
-  d.update(overrides)
-  return ConfigDict(d)
+  return data_config(**{**dict(name="digits", image_size=32, tokenizer="builtin:digits",
+                               context_length=24, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5)),
+                        **overrides})
 
 
 def drop(c: ConfigDict, *keys: str) -> None:
@@ -62,11 +75,10 @@ def shrink_to_smoke(c: ConfigDict, *, text: bool = True) -> ConfigDict:
 
 def imagenet_data(crops: str, **overrides) -> ConfigDict:
   """ImageNet-1k through TFDS (prepared ArrayRecord), or an ImageFolder via `name='image_folder'`."""
-  d = dict(name="tfds", dataset="imagenet2012", splits=dict(train="train", test="validation"),
-           image_size=224, crops=crops, eval_resize_ratio=224 / 256, worker_count=32,
-           max_skip_fraction=0.01)
-  d.update(overrides)
-  return ConfigDict(d)
+  return data_config(**{**dict(name="tfds", dataset="imagenet2012",
+                               splits=dict(train="train", test="validation"), image_size=224,
+                               crops=crops, eval_resize_ratio=224 / 256, worker_count=32,
+                               max_skip_fraction=0.01), **overrides})
 
 
 def knn_eval(every_steps: int, **overrides) -> ConfigDict:

@@ -8,6 +8,8 @@ Reports zero-shot top-1 on 297 held-out digits with prompt templates never seen 
 
 from ml_collections import ConfigDict
 
+from configs import common
+
 
 def get_config(arg: str | None = None) -> ConfigDict:
   c = ConfigDict()
@@ -18,9 +20,8 @@ def get_config(arg: str | None = None) -> ConfigDict:
   c.log_every_steps = 50
   c.checkpoint_every_steps = 200
 
-  c.data = ConfigDict(dict(name="digits", image_size=32, tokenizer="builtin:digits",
-                           context_length=24, worker_count=0,
-                           mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5)))
+  # 32x32 digits with captions, the shipped tokenizer, context 24 (see configs/common.py)
+  c.data = common.digits_data()
   c.model = ConfigDict(dict(
       image=dict(name="vit_micro", image_size=32, patch_size=8),
       text=dict(name="text_micro"),

@@ -21,7 +21,7 @@ def get_config(arg: str | None = None) -> ConfigDict:
   c.log_every_steps = 100
   c.checkpoint_every_steps = 2000
 
-  c.data = ConfigDict(dict(
+  c.data = common.data_config(**dict(
       name="webdataset", splits=dict(train=""), image_size=224, tokenizer="", context_length=16,
       worker_count=16, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5)))
   c.model = ConfigDict(dict(

@@ -37,7 +37,6 @@ def get_config(arg: str | None = None) -> ConfigDict:
   c.collapse_rules = (("train/embed_std", "<", 0.01),)
   if arg in ("digits", "smoke"):
     (common.ssl_on_digits if arg == "digits" else common.ssl_smoke)(c)
-    c.model.backbone.zero_init_residual = True
     c.model.heads.projector.update(hidden_dim=128, out_dim=128)
     c.model.heads.predictor.update(hidden_dim=32, out_dim=128)
     c.optim.warmup_steps = 0

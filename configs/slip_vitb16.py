@@ -21,7 +21,8 @@ def get_config(arg: str | None = None) -> ConfigDict:
   c.total_epochs = 25
   c.log_every_steps = 100
   c.checkpoint_every_steps = 2000
-  c.data = ConfigDict(dict(name="csv", splits=dict(train=""), image_size=224, tokenizer="",
+  c.data = common.data_config(**dict(
+      name="csv", splits=dict(train=""), image_size=224, tokenizer="",
                            context_length=77, worker_count=16, crops="simclr",
                            train_crop_scale=(0.5, 1.0), mean=common.CLIP_MEAN, std=common.CLIP_STD))
   c.augment = ConfigDict(dict(views0=("mocov2",)))

@@ -7,7 +7,7 @@ from sslvl_jax.registry import Registry
 
 METHODS: Registry = Registry("method")
 
-from sslvl_jax.methods import image_text, teacher_student  # noqa: E402,F401  (register methods)
+from sslvl_jax.methods import contrastive, image_text, teacher_student  # noqa: E402,F401
 
 
 def get(name: str) -> type[Method]:

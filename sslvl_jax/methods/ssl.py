@@ -78,6 +78,13 @@ class SSLMethod(Method):
     return [device_ops.photometric(crops[:, i], jax.random.fold_in(rng, 97 * group + i),
                                    presets[i % len(presets)]) for i in range(crops.shape[1])]
 
+  def normalize(self, images: jax.Array) -> jax.Array:
+    """Evaluation input scaling: the normalisation the training views get (first view's preset)."""
+    spec = device_ops.PHOTOMETRIC.get(tuple(self.config.augment.views0)[0])
+    x = images.astype(jnp.float32) / 255.0
+    return x if spec.normalize is None else device_ops.normalize(
+        x, *device_ops.NORMALIZATIONS.get(spec.normalize))
+
   def image_features(self, model: nnx.Module, extras: Any, images: jax.Array) -> jax.Array:
     return self.eval_model(model, extras).features(self.normalize(images), train=False)
 
