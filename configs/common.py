@@ -90,7 +90,7 @@ def knn_eval(every_steps: int, **overrides) -> ConfigDict:
 
 
 def ssl_on_digits(c: ConfigDict, *, backbone: str = "vit_micro", steps: int = 300,
-                  crop_groups: tuple = ((32, (0.35, 1.0), 2),), batch: int = 128) -> ConfigDict:
+                  crop_groups: tuple = ((32, (0.7, 1.0), 2),), batch: int = 128) -> ConfigDict:
   """The same SSL recipe at CPU scale on the built-in digits: small backbone and heads, k-NN eval."""
   c.data = digits_data(crop_groups=crop_groups, crops=None)
   drop(c.data, "tokenizer")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import sys
+from typing import Any
 
 from absl import app, flags, logging
 from ml_collections import config_flags
@@ -46,14 +47,26 @@ def main(argv: list[str]) -> None:
   train.run(config, _WORKDIR.value)
 
 
+def fail(message: Any) -> None:
+  """Print one clear line and exit with status 2."""
+  logging.flush()
+  print(f"error: {message}", file=sys.stderr)
+  sys.exit(2)
+
+
 def run() -> None:
   """Entry point: turns configuration mistakes into one clear line and exit status 2."""
+  try:  # parse first: a bad --config.* override or config file is a usage error, not a crash
+    argv = flags.FLAGS(sys.argv)
+  except flags.Error as e:
+    fail(e)
+  except (AttributeError, KeyError, TypeError, ValueError) as e:
+    arg = e.args[0] if e.args else e
+    fail(f"bad --config override or config file: {arg}")
   try:
-    app.run(main)
+    app.run(main, flags_parser=lambda _: argv)
   except (ConfigError, FileNotFoundError) as e:
-    logging.flush()
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(2)
+    fail(e)
 
 
 if __name__ == "__main__":

@@ -164,11 +164,11 @@ def run_evaluators(evaluators: dict, s: Setup, state: TrainState, step: int, tot
 
 def run(config: ConfigDict, workdir: str) -> dict[str, float]:
   """Train `config` in `workdir` (resuming if it holds a checkpoint); returns the final metrics."""
+  s = setup(config, workdir)  # configuration errors surface here, before anything is written
   writer = metrics.Writer(workdir)
   if jax.process_index() == 0:
     with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
       f.write(config.to_json_best_effort(indent=2))
-  s = setup(config, workdir)
   config, mesh, method, batches, state = s.config, s.mesh, s.method, s.batches, s.state
   tx, schedule, ckpt, total_steps = s.tx, s.schedule, s.ckpt, s.total_steps
   rng = jax.random.key(config.seed)
@@ -203,11 +203,13 @@ def run(config: ConfigDict, workdir: str) -> dict[str, float]:
         writer.log(metrics.format_line(step, total_steps, m))
         last.update(m)
       last.update(run_evaluators(evaluators, s, state, step, total_steps, writer, workdir))
-      preempted = stop.should_stop()
+      stop_at = config.get("stop_at_step")
+      preempted = stop.should_stop() or (stop_at is not None and step >= stop_at)
       if step % ckpt_every == 0 or step == total_steps or preempted:
         ckpt.save(step, state, batches.grain_iter, {"step": step, "config": config.method})
       if preempted:
-        writer.log(f"SIGTERM: saved step {step}, exiting; rerun the same command to resume")
+        why = "SIGTERM" if stop.received else f"stop_at_step={config.get('stop_at_step')}"
+        writer.log(f"{why}: saved step {step}, exiting; rerun the same command to resume")
         break
   finally:
     ckpt.close()

@@ -28,7 +28,7 @@ from sslvl_jax.models import l2_normalize
 
 def encode(model: nnx.Module, images: jax.Array, heads: Sequence[str], bn_groups: int = 1
            ) -> jax.Array:
-  """Training-mode backbone features of `images` through `heads` in order (e.g. projector, predictor).
+  """Training-mode backbone features of `images` through `heads` in order (projector, predictor).
 
   bn_groups > 1: the backbone's BatchNorm statistics are taken per run of b/bn_groups consecutive
   examples (ResNet ghost BN), as MoCo v2's per-GPU BN.
