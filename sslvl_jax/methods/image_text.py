@@ -12,7 +12,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
-from sslvl_jax import data, losses, models, parallel
+from sslvl_jax import data, interop, losses, models, parallel
 from sslvl_jax.data import device_ops
 from sslvl_jax.data.examples import tokenizer
 from sslvl_jax.methods import METHODS
@@ -32,22 +32,30 @@ class ImageText(Method):
   example = "image_text"
   logit_bias_init: float | None = None
 
-  def build_model(self, rngs: nnx.Rngs) -> nnx.Module:
+  def tower_configs(self) -> tuple[dict, dict]:
+    """JSON-able {'name', 'kwargs'} of the image and text towers (also written on export)."""
     cfg = self.config.model
-    dtype = models.dtype_of(cfg.get("dtype", "float32"))
-    image = models.build(cfg.image.name, rngs=rngs, dtype=dtype,
-                         **{k: v for k, v in cfg.image.items() if k != "name"})
+    dtype = cfg.get("dtype", "float32")
+    image = {"name": cfg.image.name,
+             "kwargs": {**{k: v for k, v in cfg.image.items() if k != "name"}, "dtype": dtype}}
     text_kw = {k: v for k, v in cfg.text.items() if k != "name"}
     if "vocab_size" not in text_kw:  # from the tokenizer, so the two cannot disagree
       tok_spec = data.tokenizer_spec(self.config.data)
       text_kw.update(vocab_size=tokenizer(tok_spec).vocab_size, eot_id=tok_spec.eot_id,
                      pad_id=tok_spec.pad_id)
     text_kw.setdefault("context_length", self.config.data.context_length)
-    text = models.build(cfg.text.name, rngs=rngs, dtype=dtype, **text_kw)
-    return models.TwoTower(image, text, image_width=models.width_of(image),
-                           text_width=models.width_of(text), embed_dim=cfg.embed_dim,
-                           logit_scale_init=self.config.loss.logit_scale_init,
-                           logit_bias_init=self.config.loss.get("logit_bias_init"), rngs=rngs)
+    return image, {"name": cfg.text.name, "kwargs": {**text_kw, "dtype": dtype}}
+
+  def model_config(self) -> dict:
+    """The exported model's {'name': 'two_tower', 'kwargs'} (interop.build_module rebuilds it)."""
+    image, text = self.tower_configs()
+    return {"name": "two_tower", "kwargs": {
+        "image": image, "text": text, "embed_dim": self.config.model.embed_dim,
+        "logit_scale_init": self.config.loss.logit_scale_init,
+        "logit_bias_init": self.config.loss.get("logit_bias_init")}}
+
+  def build_model(self, rngs: nnx.Rngs) -> nnx.Module:
+    return interop.build_module(self.model_config(), rngs)
 
   def embed(self, model: nnx.Module, batch: dict, rng: jax.Array | None
             ) -> tuple[jax.Array, jax.Array]:

@@ -11,7 +11,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
-from sslvl_jax import metrics, models, optim, parallel
+from sslvl_jax import interop, metrics, models, optim, parallel
 from sslvl_jax.data import device_ops
 from sslvl_jax.errors import ConfigError
 from sslvl_jax.methods.base import Method
@@ -49,11 +49,15 @@ class SSLMethod(Method):
 
   example = "multi_view"
 
+  def backbone_config(self) -> dict:
+    """JSON-able {'name', 'kwargs'} of the backbone (also written on export)."""
+    cfg = self.config.model.backbone
+    return {"name": cfg.name, "kwargs": {**{k: v for k, v in cfg.items() if k != "name"},
+                                         "dtype": self.config.model.get("dtype", "float32")}}
+
   def build_backbone(self, rngs: nnx.Rngs) -> nnx.Module:
     """The image backbone (ViT or ResNet) of the config."""
-    cfg = self.config.model.backbone
-    return models.build(cfg.name, rngs=rngs, dtype=models.dtype_of(self.config.model.get(
-        "dtype", "float32")), **{k: v for k, v in cfg.items() if k != "name"})
+    return interop.build_module(self.backbone_config(), rngs)
 
   def build_model(self, rngs: nnx.Rngs) -> nnx.Module:
     backbone = self.build_backbone(rngs)
