@@ -46,7 +46,9 @@ def get_config(arg: str | None = None) -> ConfigDict:
   c.evals = ConfigDict(dict(knn=common.knn_eval(20_000)))
   c.collapse_rules = (("train/embed_std", "<", 0.001),)  # healthy 1/sqrt(8192) = 0.011
   if arg in ("digits", "smoke"):
-    (common.ssl_on_digits if arg == "digits" else common.ssl_smoke)(c, backbone="resnet18")
+    (common.ssl_on_digits if arg == "digits" else common.ssl_smoke)(
+        c, backbone="resnet18", crop_groups=((16, (0.35, 1.0), 2),))
+    c.data.image_size = 16  # 8 x 8 digits: 16 px keeps every pixel
     common.drop(c.data, "mean", "std")  # evaluate with the presets' ImageNet normalisation
     hidden, out = (256, 256) if arg == "digits" else (32, 16)
     c.model.heads.projector.update(hidden_dim=hidden, out_dim=out)

@@ -37,8 +37,7 @@ def get_config(arg: str | None = None) -> ConfigDict:
   c.evals = ConfigDict(dict(knn=common.knn_eval(20_000)))
   c.collapse_rules = (("train/embed_std", "<", 0.01),)
   if arg == "digits":
-    common.ssl_on_digits(c)
-    c.optim.lr_per_256 = 1.0  # solo-learn's CIFAR BYOL lr for LARS at small batch
+    common.cpu_adamw(common.ssl_on_digits(c))
     c.teacher.momentum = 0.99
     c.model.heads.projector.update(hidden_dim=256, out_dim=64)
     c.model.heads.predictor.update(hidden_dim=256, out_dim=64)

@@ -32,25 +32,22 @@ def get_config(arg: str | None = None) -> ConfigDict:
       backbone=dict(name="resnet50"),
       heads=dict(projector=dict(name="moco_v2_projector", hidden_dim=2048, out_dim=128)),
       bn_group_size=32, shuffle_bn=True, dtype="bfloat16"))
-  c.teacher = ConfigDict(dict(momentum=0.999, momentum_end=0.999, init="copy",
-                              eval_on_teacher=False))
+  c.teacher = ConfigDict(dict(momentum=0.999, momentum_end=0.999, init="copy"))
   c.loss = ConfigDict(dict(temperature=0.2, queue_size=65536))
   c.optim = ConfigDict(dict(name="sgd", lr_per_256=0.03, weight_decay=1e-4, momentum=0.9,
                             warmup_steps=0))
   c.evals = ConfigDict(dict(knn=common.knn_eval(20_000)))
   c.collapse_rules = (("train/embed_std", "<", 0.01),)
-  if arg == "digits":
-    common.ssl_on_digits(c, backbone="resnet18")
+  if arg in ("digits", "smoke"):
+    (common.ssl_on_digits if arg == "digits" else common.ssl_smoke)(
+        c, backbone="resnet18", crop_groups=((16, (0.35, 1.0), 2),))
+    c.data.image_size = 16  # 8 x 8 digits: 16 px keeps every pixel
     common.drop(c.data, "mean", "std")  # evaluate with the presets' ImageNet normalisation
-    c.model.heads.projector.update(hidden_dim=256, out_dim=64)
-    c.loss.queue_size = 1024  # below the 1,500 training images, as 65536 is below ImageNet's
+    hidden, out = (256, 64) if arg == "digits" else (32, 16)
+    c.model.heads.projector.update(hidden_dim=hidden, out_dim=out)
+    c.model.bn_group_size = 32 if arg == "digits" else 8
+    # Queue below the 1,500 training images, as 65536 is below ImageNet's 1.28M.
+    c.loss.queue_size = 1024 if arg == "digits" else 64
     c.teacher.update(momentum=0.99, momentum_end=0.99)
     c.optim.update(lr_per_256=0.3, warmup_steps=0)  # solo-learn's CIFAR MoCo v2+ lr
-  elif arg == "smoke":
-    common.ssl_smoke(c, backbone="resnet18")
-    common.drop(c.data, "mean", "std")
-    c.model.heads.projector.update(hidden_dim=32, out_dim=16)
-    c.model.bn_group_size = 8
-    c.loss.queue_size = 64
-    c.optim.warmup_steps = 0
   return c

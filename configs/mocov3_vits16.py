@@ -37,16 +37,18 @@ def get_config(arg: str | None = None) -> ConfigDict:
                  predictor=dict(name="moco_v3_predictor_vit", input="projector", hidden_dim=4096,
                                 out_dim=256)),
       dtype="bfloat16"))
-  c.teacher = ConfigDict(dict(momentum=0.99, momentum_end=1.0, init="copy", eval_on_teacher=False))
+  c.teacher = ConfigDict(dict(momentum=0.99, momentum_end=1.0, init="copy"))
   c.loss = ConfigDict(dict(temperature=0.2))
   c.optim = ConfigDict(dict(name="adamw", lr_per_256=1.5e-4, b1=0.9, b2=0.999, weight_decay=0.1,
                             warmup_epochs=40, no_decay_rules=("backbone/patch_embed",)))
   c.evals = ConfigDict(dict(knn=common.knn_eval(20_000)))
   c.collapse_rules = (("train/embed_std", "<", 0.01),)
   if arg in ("digits", "smoke"):
-    (common.ssl_on_digits if arg == "digits" else common.ssl_smoke)(c, backbone="vit_micro")
+    (common.ssl_on_digits if arg == "digits" else common.ssl_smoke)(
+        c, backbone="vit_micro", crop_groups=((16, (0.35, 1.0), 2),))
+    c.data.image_size = 16  # 8 x 8 digits: 16 px keeps every pixel
     common.drop(c.data, "mean", "std")  # evaluate with the presets' ImageNet normalisation
-    c.model.backbone.update(FROZEN_RANDOM_PATCHES)
+    c.model.backbone.update(image_size=16, patch_size=4, **FROZEN_RANDOM_PATCHES)
     hidden, out = (256, 64) if arg == "digits" else (32, 16)
     c.model.heads.projector.update(hidden_dim=hidden, out_dim=out)
     c.model.heads.predictor.update(hidden_dim=hidden, out_dim=out)

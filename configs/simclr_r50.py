@@ -42,14 +42,12 @@ def get_config(arg: str | None = None) -> ConfigDict:
                             trust_coefficient=1e-3, warmup_epochs=10))
   c.evals = ConfigDict(dict(knn=common.knn_eval(20_000)))
   c.collapse_rules = (("train/embed_std", "<", 0.01),)
-  if arg == "digits":
-    common.ssl_on_digits(c, backbone="resnet18")
-    c.data.update(UNNORMALISED)
-    c.model.heads.projector.update(hidden_dim=256, out_dim=64)
+  if arg in ("digits", "smoke"):
+    (common.ssl_on_digits if arg == "digits" else common.ssl_smoke)(
+        c, backbone="resnet18", crop_groups=((16, (0.35, 1.0), 2),))
+    c.data.update(image_size=16, **UNNORMALISED)  # 8 x 8 digits: 16 px keeps every pixel
+    hidden, out = (256, 64) if arg == "digits" else (32, 16)
+    c.model.heads.projector.update(hidden_dim=hidden, out_dim=out)
     c.loss.temperature = 0.2  # solo-learn's CIFAR value
     c.optim.lr_per_256 = 1.0
-  elif arg == "smoke":
-    common.ssl_smoke(c, backbone="resnet18")
-    c.data.update(UNNORMALISED)
-    c.model.heads.projector.update(hidden_dim=32, out_dim=16)
   return c
