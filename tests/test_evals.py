@@ -4,6 +4,7 @@ zero-shot prompt ensembling and assets, image-text retrieval recalls."""
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from sklearn.linear_model import LogisticRegression
@@ -209,3 +210,39 @@ def test_retrieval_recalls_hand_built():
       "image_to_text_r4": 1.0,
       "text_to_image_r1": 2 / 6, "text_to_image_r2": 3 / 6, "text_to_image_r3": 1.0,
       "text_to_image_r4": 1.0})
+
+
+def test_retrieval_evaluator_groups_repeated_images(tmp_path):
+  """COCO layout: 3 images x 2 captions; recall computed over unique images (end to end)."""
+  import csv as _csv  # pylint: disable=g-import-not-at-top
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  from configs import quickstart  # pylint: disable=g-import-not-at-top
+  from sslvl_jax import methods, parallel  # pylint: disable=g-import-not-at-top
+  from sslvl_jax.evals import tasks  # pylint: disable=g-import-not-at-top
+  from ml_collections import ConfigDict  # pylint: disable=g-import-not-at-top
+  rows = []
+  for i in range(3):
+    Image.fromarray(np.full((32, 32, 3), 60 * i, np.uint8)).save(tmp_path / f"{i}.png")
+    rows += [(f"{i}.png", f"a photo of the number {w}.") for w in ("one", "two")]
+  with open(tmp_path / "coco.csv", "w", newline="") as f:
+    w = _csv.writer(f)
+    w.writerow(["filepath", "title"])
+    w.writerows(rows)
+  c = quickstart.get_config("smoke")
+  c.schedule = {"total_steps": 4, "steps_per_epoch": 1.0}
+  mesh = parallel.make_mesh()
+  method = methods.get("clip")(c, mesh)
+  params, model_state = method.init_model(jax.random.key(0))
+  ev = tasks.Retrieval(ConfigDict(dict(type="retrieval", split="test", batch_size=8, data=dict(
+      name="csv", splits=dict(test=str(tmp_path / "coco.csv"))))), method, mesh)
+  res = ev.run(method.merge(params, model_state), {})
+  # Recompute with the pure function on the same embeddings: 3 gallery images, 6 captions.
+  model = method.merge(params, model_state)
+  imgs = np.stack([np.asarray(Image.open(tmp_path / f"{i}.png").convert("RGB")) for i in range(3)])
+  tok = tasks.tokenizer(tasks.data.tokenizer_spec(method.config.data))
+  img = np.asarray(method.image_features(model, {}, jnp.asarray(imgs)))
+  txt = np.asarray(method.text_features(model, {}, jnp.asarray(tok.encode([r[1] for r in rows]))))
+  want = retrieval_recalls(img, txt, np.repeat(np.arange(3), 2), ks=(1, 5, 10))
+  for k, v in want.items():
+    assert res[k] == pytest.approx(v, abs=1e-6)
+  assert res["image_to_text_r5"] == 1.0 and res["text_to_image_r5"] == 1.0  # only 3 images

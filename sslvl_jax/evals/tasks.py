@@ -19,7 +19,7 @@ from ml_collections import ConfigDict
 from sslvl_jax import data, parallel
 from sslvl_jax.data import builtin
 from sslvl_jax.data.examples import tokenizer
-from sslvl_jax.evals import EVALUATORS, knn, linear_probe, zero_shot
+from sslvl_jax.evals import EVALUATORS, knn, linear_probe, retrieval_recalls, zero_shot
 
 CLASSNAMES = {"digits": builtin.CLASSNAMES}
 TEMPLATES = {"digits_eval": builtin.EVAL_TEMPLATES, "digits_train": builtin.TRAIN_TEMPLATES}
@@ -159,3 +159,34 @@ def save_result(workdir: str, name: str, step: int, result: dict, settings: dict
   with open(os.path.join(workdir, "evals", f"{name}_{step}.json"), "w", encoding="utf-8") as f:
     json.dump({"step": step, "results": {k: float(v) for k, v in result.items()},
                "settings": settings}, f, indent=1, default=str)
+
+
+@EVALUATORS.register("retrieval")
+class Retrieval(Evaluator):
+  """Image-text retrieval R@1/5/10 on `cfg.split` of an image-text source.
+
+  Rows may repeat an image with another caption (COCO/Flickr30k layout: one row per caption);
+  identical decoded images are one gallery entry, so an image counts as found when any of its
+  captions is retrieved.
+  """
+
+  def run(self, model: nnx.Module, extras: Any) -> dict[str, float]:
+    """Image->text and text->image recall at `cfg.ks` (default 1, 5, 10)."""
+    source = data.source(self.data_cfg, self.cfg.get("split", "test"))
+    transform = data.example_transform(self.data_cfg, "image_text", train=False)
+    _, params, model_state = nnx.split(model, nnx.Param, ...)
+    text_fn = jax.jit(lambda t: self.method.text_features(
+        nnx.merge(self.method.graphdef, params, model_state), extras, t))
+    examples = [transform(source[i], np.random.default_rng(0)) for i in range(len(source))]
+    index: dict[bytes, int] = {}
+    text_to_image = np.asarray([index.setdefault(e["image"].tobytes(), len(index))
+                                for e in examples])
+    first = {v: k for k, v in reversed(list(enumerate(text_to_image)))}
+    images = np.stack([examples[first[j]]["image"] for j in range(len(index))])
+    tokens = np.stack([e["tokens"] for e in examples])
+    img = np.concatenate([np.asarray(self._features(params, model_state, extras,
+                                                    jnp.asarray(images[i:i + self.batch_size])))
+                          for i in range(0, len(images), self.batch_size)])
+    txt = np.concatenate([np.asarray(text_fn(jnp.asarray(tokens[i:i + self.batch_size])))
+                          for i in range(0, len(tokens), self.batch_size)])
+    return retrieval_recalls(img, txt, text_to_image, ks=tuple(self.cfg.get("ks", (1, 5, 10))))
