@@ -83,6 +83,12 @@ class Evaluator:
       labels.append(gather(lab)[valid])
     return np.concatenate(feats), np.concatenate(labels)
 
+  def train_test(self, model: nnx.Module, extras: Any) -> tuple:
+    """(train feats, train labels, test feats, test labels, number of classes) for probes."""
+    train_f, train_l = self.features(model, extras, self.cfg.get("train_split", "train"))
+    test_f, test_l = self.features(model, extras, self.cfg.get("test_split", "test"))
+    return train_f, train_l, test_f, test_l, int(self.cfg.get("num_classes", int(train_l.max()) + 1))
+
   def settings(self) -> dict:
     """Every setting of this evaluator, logged with its results."""
     return {"type": self.cfg.type, **{k: v for k, v in self.cfg.items() if k != "data"},
@@ -123,9 +129,7 @@ class Knn(Evaluator):
 
   def run(self, model: nnx.Module, extras: Any) -> dict[str, float]:
     """Top-1/top-5 of `cfg.test_split` against the `cfg.train_split` feature bank."""
-    train_f, train_l = self.features(model, extras, self.cfg.get("train_split", "train"))
-    test_f, test_l = self.features(model, extras, self.cfg.get("test_split", "test"))
-    num_classes = int(self.cfg.get("num_classes", int(train_l.max()) + 1))
+    train_f, train_l, test_f, test_l, num_classes = self.train_test(model, extras)
     scores = knn.knn_predict(train_f, train_l, test_f, num_classes=num_classes,
                              k=self.cfg.get("k", 20), temperature=self.cfg.get("temperature", 0.07),
                              mesh=self.mesh)
@@ -138,9 +142,7 @@ class LinearProbe(Evaluator):
 
   def run(self, model: nnx.Module, extras: Any) -> dict[str, float]:
     """Top-1/top-5 on `cfg.test_split` after training on `cfg.train_split`."""
-    train_f, train_l = self.features(model, extras, self.cfg.get("train_split", "train"))
-    test_f, test_l = self.features(model, extras, self.cfg.get("test_split", "test"))
-    num_classes = int(self.cfg.get("num_classes", int(train_l.max()) + 1))
+    train_f, train_l, test_f, test_l, num_classes = self.train_test(model, extras)
     res = linear_probe.linear_probe(train_f, train_l, test_f, test_l, num_classes=num_classes,
                                     **self.cfg.get("probe", {}))
     return {k: float(v) for k, v in res.items() if np.ndim(v) == 0 and not isinstance(v, str)}
