@@ -34,9 +34,15 @@ def get_config(arg: str | None = None) -> ConfigDict:
   c.optim = ConfigDict(dict(name="sgd", lr_per_256=0.05, weight_decay=1e-4, momentum=0.9,
                             warmup_steps=0, constant_lr_rules=("predictor",)))
   c.evals = ConfigDict(dict(knn=common.knn_eval(20_000)))
-  c.collapse_rules = (("train/embed_std", "<", 0.01),)
-  if arg in ("digits", "smoke"):
-    (common.ssl_on_digits if arg == "digits" else common.ssl_smoke)(c)
+  # The projector ends in BN, so a collapsed z is +-u (one direction, both signs): per-dimension
+  # std stays near healthy while the effective rank drops to ~1 (the no-stop-gradient ablation).
+  c.collapse_rules = (("train/embed_std", "<", 0.01), ("train/rankme", "<", 2.0))
+  if arg == "digits":
+    common.cpu_adamw(common.ssl_on_digits(c))
+    c.model.heads.projector.update(hidden_dim=128, out_dim=128)
+    c.model.heads.predictor.update(hidden_dim=32, out_dim=128)
+  elif arg == "smoke":
+    common.ssl_smoke(c)
     c.model.heads.projector.update(hidden_dim=128, out_dim=128)
     c.model.heads.predictor.update(hidden_dim=32, out_dim=128)
     c.optim.warmup_steps = 0

@@ -1,5 +1,6 @@
 """BYOL / SimSiam / DINO: the teacher as an optax EMA state, schedules, and the lecture's ablations."""
 
+import json
 import math
 
 import jax
@@ -7,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from configs import byol_r50, dino_vits16, simsiam_r50
+from configs import byol_r50, common, dino_vits16, simsiam_r50
 from sslvl_jax import optim, train
 from sslvl_jax.methods.base import TrainState
 
@@ -84,3 +85,55 @@ def test_dino_teacher_temperature_warms_up_per_epoch(tmp_path):
       step = jnp.float32(math.ceil((epoch + frac) * spe))
       want = table[epoch] if epoch < len(table) else cfg.teacher_temp
       assert float(s.method.teacher_temp(step)) == pytest.approx(want, rel=1e-6)
+
+
+# ---- The lecture's ablations, as behaviour on the built-in digits (short runs of `:digits`) ----
+
+def _short_digits_run(module, tmp_path, *, steps: int, lr: float, **overrides):
+  """Train `module`'s `:digits` config for `steps` AdamW steps; (rows of metrics.jsonl, error)."""
+  c = module.get_config("digits")
+  common.cpu_adamw(c, lr=lr, steps=steps)
+  c.optim.warmup_steps = 5
+  c.log_every_steps, c.evals = 5, {}
+  for path, value in overrides.items():  # `a__b=v` sets c.a.b = v
+    *parents, key = path.split("__")
+    target = c
+    for k in parents:
+      target = target[k]
+    target[key] = value
+  try:
+    train.run(c, str(tmp_path))
+    error = None
+  except RuntimeError as e:
+    error = str(e)
+  with open(tmp_path / "metrics.jsonl") as f:
+    return [json.loads(line) for line in f], error
+
+
+@pytest.mark.slow  # ~40 s per run on an idle 2-core machine
+def test_simsiam_collapses_without_stop_gradient(tmp_path):
+  rows, error = _short_digits_run(simsiam_r50, tmp_path / "sg", steps=80, lr=3e-3)
+  assert error is None and len(rows) == 16
+  print("sg rankme", [round(r["train/rankme"], 2) for r in rows])
+  assert min(r["train/rankme"] for r in rows) > 8  # measured: >= 14.5 at batch 128
+  assert rows[-1]["train/embed_std"] > 0.8 * rows[-1]["train/embed_std_healthy"]
+  rows, error = _short_digits_run(simsiam_r50, tmp_path / "no_sg", steps=80, lr=3e-3,
+                                  loss__stop_gradient=False)
+  # Measured: loss -> -0.95, rank ~1.1 (z = +-u), embedding std a quarter of healthy by step 40.
+  assert error is not None and "collapse detected" in error and "train/rankme" in error
+  assert rows[0]["train/rankme"] > 8  # it started healthy and collapsed while training
+  tripped_at = int(error.split("step ")[1].split(":")[0])
+  assert tripped_at <= 80
+
+
+@pytest.mark.slow  # ~40 s per run on an idle 2-core machine
+def test_dino_one_dimension_dominates_without_centering(tmp_path):
+  """Without centering the sharpened teacher puts all its mass on one output (entropy -> 0)."""
+  rule = (("train/teacher_entropy", "<", 0.5),)  # uniform would be ln 256 = 5.5
+  kw = dict(steps=30, lr=1e-3, teacher__momentum=0.99, collapse_rules=rule)
+  rows, error = _short_digits_run(dino_vits16, tmp_path / "centred", **kw)
+  assert error is None
+  print("centred teacher entropy", [round(r["train/teacher_entropy"], 3) for r in rows])
+  assert min(r["train/teacher_entropy"] for r in rows) > 1.5  # measured: 4.8 at step 25
+  rows, error = _short_digits_run(dino_vits16, tmp_path / "uncentred", loss__centering=False, **kw)
+  assert error is not None and "collapse detected" in error and "teacher_entropy" in error
