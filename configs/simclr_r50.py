@@ -10,17 +10,14 @@ momentum 0.9, trust 1e-3, no decay/adaptation on biases and BN, 10 warm-up epoch
 Weight decay 1e-6: the v1 paper's value and the code's flag default (RECIPES.md); the README's
 ImageNet command uses 1e-4 (`--config.optim.weight_decay=1e-4`). Our LARS applies the lr outside
 the momentum (optax); SimCLR's "classic momentum" applies it inside, which differs only while the
-lr changes. SimCLR v2 augmentations; the model sees [0, 1] images (no mean/std normalisation), so
-the data mean/std used by the evaluators are 0/1 too.
+lr changes. SimCLR v2 augmentations; the model sees [0, 1] images (no mean/std normalisation), in
+training and, through the preset, in evaluation.
 `:digits` trains the same recipe at CPU scale on the built-in digits; `:smoke` runs 4 steps.
 """
 
 from ml_collections import ConfigDict
 
 from configs import common
-
-UNNORMALISED = dict(mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))
-
 
 def get_config(arg: str | None = None) -> ConfigDict:
   c = ConfigDict()
@@ -30,7 +27,7 @@ def get_config(arg: str | None = None) -> ConfigDict:
   c.total_epochs = 1000
   c.log_every_steps = 100
   c.checkpoint_every_steps = 2000
-  c.data = common.imagenet_data("simclr", **UNNORMALISED)
+  c.data = common.imagenet_data("simclr")
   c.augment = ConfigDict(dict(views0=("simclr",)))
   c.model = ConfigDict(dict(
       backbone=dict(name="resnet50"),
@@ -45,7 +42,7 @@ def get_config(arg: str | None = None) -> ConfigDict:
   if arg in ("digits", "smoke"):
     (common.ssl_on_digits if arg == "digits" else common.ssl_smoke)(
         c, backbone="resnet18", crop_groups=((16, (0.35, 1.0), 2),))
-    c.data.update(image_size=16, **UNNORMALISED)  # 8 x 8 digits: 16 px keeps every pixel
+    c.data.image_size = 16  # 8 x 8 digits: 16 px keeps every pixel
     hidden, out = (256, 64) if arg == "digits" else (32, 16)
     c.model.heads.projector.update(hidden_dim=hidden, out_dim=out)
     c.loss.temperature = 0.2  # solo-learn's CIFAR value

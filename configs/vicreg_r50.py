@@ -21,4 +21,7 @@ def get_config(arg: str | None = None) -> ConfigDict:
   c.model.heads.projector.name = "vicreg_projector"
   c.loss = ConfigDict(dict(sim_coeff=25.0, std_coeff=25.0, cov_coeff=1.0))
   del c.optim["lr_multiplier_rules"]
+  if arg == "digits":
+    c.optim.lr_per_256 = 4.0
+    barlow_r50.set_end_lr(c)
   return c
