@@ -95,12 +95,7 @@ def _short_digits_run(module, tmp_path, *, steps: int, lr: float, **overrides):
   common.cpu_adamw(c, lr=lr, steps=steps)
   c.optim.warmup_steps = 5
   c.log_every_steps, c.evals = 5, {}
-  for path, value in overrides.items():  # `a__b=v` sets c.a.b = v
-    *parents, key = path.split("__")
-    target = c
-    for k in parents:
-      target = target[k]
-    target[key] = value
+  c.update_from_flattened_dict({k.replace("__", "."): v for k, v in overrides.items()})  # a__b: c.a.b
   try:
     train.run(c, str(tmp_path))
     error = None
@@ -128,10 +123,12 @@ def test_simsiam_collapses_without_stop_gradient(tmp_path):
 def test_dino_one_dimension_dominates_without_centering(tmp_path):
   """Without centering the sharpened teacher puts all its mass on one output (entropy -> 0)."""
   rule = (("train/teacher_entropy", "<", 1.0),)  # uniform would be ln 256 = 5.5
-  kw = dict(steps=30, lr=1e-3, teacher__momentum=0.99, collapse_rules=rule)
+  # The paper's head (no BN) and teacher temperature: the `:digits` BN head resists this collapse.
+  kw = dict(steps=30, lr=1e-3, teacher__momentum=0.99, collapse_rules=rule,
+            model__heads__head__use_bn=False, loss__teacher_temp=0.04)
   rows, error = _short_digits_run(dino_vits16, tmp_path / "centred", **kw)
   assert error is None
-  assert min(r["train/teacher_entropy"] for r in rows) > 1.5  # measured: 2.2 -> 3.8
+  assert min(r["train/teacher_entropy"] for r in rows) > 1.5  # measured: 2.2 -> 3.3
   rows, error = _short_digits_run(dino_vits16, tmp_path / "uncentred", loss__centering=False, **kw)
-  # Measured: entropy 1.9 -> 0.9 by step 20 (while the centred teacher's rises).
+  # Measured: entropy 1.9 -> 0.7 at step 20 (while the centred teacher's rises), 0.56 by step 60.
   assert error is not None and "collapse detected" in error and "teacher_entropy" in error
