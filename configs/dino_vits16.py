@@ -50,32 +50,31 @@ def dino_config(backbone: str, arg: str | None) -> ConfigDict:
   c.evals = ConfigDict(dict(knn=common.knn_eval(20_000)))
   c.collapse_rules = (("train/kl_teacher_student", "<", 1e-4),)
   if arg in ("digits", "smoke"):
-    groups = ((32, (0.4, 1.0), 2), (16, (0.1, 0.4), 4))
-    if arg == "digits":  # solo-learn's DINO on 32 px images: the 2 global crops only
-      groups = groups[:1]
-      common.drop(c.augment, "views1")
+    digits = arg == "digits"
     # `:digits` is the micro ViT for every backbone, as BYOL's and SimSiam's: a random ResNet-18
     # is already at 92.3% k-NN there and DINO's ResNet-18 (16 px) ended at 90.6% (800 steps, 480 s)
     # / 92.9% (1000 steps, 633 s); dino_r50:digits gets 82.8% vs 61.6% (213 s). `:smoke` keeps the
-    # ResNet so that the tests run it.
-    small = "resnet18" if arg == "smoke" and backbone == "resnet50" else "vit_micro"
-    (common.ssl_on_digits if arg == "digits" else common.ssl_smoke)(
-        c, backbone=small, crop_groups=groups)
-    c.model.heads.head.update(out_dim=256 if arg == "digits" else 32, hidden=128, bottleneck=32)
-    c.loss.teacher_temp_warmup_epochs = 5
+    # ResNet and multi-crop so that the tests run them.
+    small = "resnet18" if not digits and backbone == "resnet50" else "vit_micro"
+    groups = ((32, (0.4, 1.0), 2),) + (() if digits else ((16, (0.1, 0.4), 4),))
+    (common.ssl_on_digits if digits else common.ssl_smoke)(c, backbone=small, crop_groups=groups)
+    c.model.heads.head.update(out_dim=256 if digits else 32, hidden=128, bottleneck=32)
     c.optim.freeze_rules = (("head/last_layer", 0.5),)
     c.teacher.momentum = 0.99
-    if arg == "digits":
+    if digits:
       # At this scale the recipe's head (no BN) drifts to the uniform collapse (teacher entropy ->
       # ln 256) under every lr, momentum, crop and head width tried. What works is solo-learn's
-      # small-data DINO head (BN after the hidden layers, use_bn_in_head), the sharper teacher
-      # RECIPES.md advises against collapse (0.02) and no local crops (with the 4 local crops of
-      # the smoke config: k-NN 79.1% / 70.7% for seeds 0 / 1): k-NN 80.5% / 79.8% against 61.6% /
-      # 63.0% at random init, 214 s.
+      # small-data DINO: BN after the head's hidden layers (use_bn_in_head) and the 2 global crops
+      # only, with the sharper teacher RECIPES.md advises against collapse (0.02). k-NN 80.5% /
+      # 79.8% against 61.6% / 63.0% at random init for seeds 0 / 1, 214 s (with the 4 local crops
+      # of `:smoke`: 79.1% / 70.7%).
+      common.drop(c.augment, "views1")
       common.cpu_adamw(c, lr=1e-3, steps=1000)
       c.model.heads.head.use_bn = True
       c.loss.update(teacher_temp=0.02, teacher_temp_warmup_epochs=0)
       c.model.backbone.pool = "mean"  # the [CLS] output barely varies across images at init
+    else:
+      c.loss.teacher_temp_warmup_epochs = 5  # the per-epoch schedule runs in the tests
   return c
 
 
