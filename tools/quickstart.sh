@@ -4,6 +4,6 @@
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 WORKDIR="${1:-$ROOT/workdirs/quickstart}"
-source "$ROOT/tools/setup_env.sh" 3.12 test
+source "$ROOT/tools/setup_env.sh" 3.12
 cd "$ROOT"
 "$PY" -m sslvl_jax.main --config=configs/quickstart.py --workdir="$WORKDIR"
