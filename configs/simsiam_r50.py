@@ -34,9 +34,11 @@ def get_config(arg: str | None = None) -> ConfigDict:
   c.optim = ConfigDict(dict(name="sgd", lr_per_256=0.05, weight_decay=1e-4, momentum=0.9,
                             warmup_steps=0, constant_lr_rules=("predictor",)))
   c.evals = ConfigDict(dict(knn=common.knn_eval(20_000)))
-  # The projector ends in BN, so a collapsed z is +-u (one direction, both signs): per-dimension
-  # std stays near healthy while the effective rank drops to ~1 (the no-stop-gradient ablation).
-  c.collapse_rules = (("train/embed_std", "<", 0.01), ("train/rankme", "<", 2.0))
+  # The projector ends in BN, so a collapsing z keeps its per-dimension std while its effective
+  # rank falls (the no-stop-gradient ablation). Measured on `:digits` (128-d z, batch 128): healthy
+  # RankMe >= 13.5 over 1500 steps and >= 10.1 in every 120-step run of seeds 0-4; without
+  # stop-gradient 1.8-4.3 (mean of the last quarter) by step 120.
+  c.collapse_rules = (("train/embed_std", "<", 0.01), ("train/rankme", "<", 7.0))
   if arg == "digits":
     common.cpu_adamw(common.ssl_on_digits(c))
     c.model.heads.projector.update(hidden_dim=128, out_dim=128)

@@ -206,8 +206,9 @@ def moco_enqueue(queue: jax.Array, keys_global: jax.Array, ptr: jax.Array
 
 def _dino_terms(student_logits: jax.Array, teacher_logits: jax.Array, center: jax.Array,
                 student_temp: float | jax.Array, teacher_temp: float | jax.Array,
-                n_global_crops: int, axis_name: str | None) -> tuple[jax.Array, jax.Array]:
-  """(DINO loss, mean teacher entropy), both over the global batch."""
+                n_global_crops: int, axis_name: str | None
+                ) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """(DINO loss, mean teacher entropy, largest batch-mean teacher probability), global batch."""
   n_crops = student_logits.shape[0]
   if teacher_logits.shape[0] != n_global_crops or n_crops < n_global_crops:
     raise ValueError(f"DINO expects teacher logits for the {n_global_crops} global crops and at least "
@@ -220,7 +221,8 @@ def _dino_terms(student_logits: jax.Array, teacher_logits: jax.Array, center: ja
   ce = -jnp.einsum("ibk,vbk->ivb", teacher_p, student_logp, precision=jax.lax.Precision.HIGHEST)
   pairs = ~np.eye(n_global_crops, n_crops, dtype=bool)  # teacher crop iq, student crop v != iq
   entropy = -jnp.sum(teacher_p * teacher_logp, axis=-1)
-  return _global_mean(ce[pairs], axis_name), _global_mean(entropy, axis_name)
+  top_mass = _global_mean(teacher_p, axis_name, axis=(0, 1)).max()
+  return _global_mean(ce[pairs], axis_name), _global_mean(entropy, axis_name), top_mass
 
 
 def dino_loss(student_logits: jax.Array, teacher_logits: jax.Array, center: jax.Array,
@@ -242,11 +244,17 @@ def dino_loss(student_logits: jax.Array, teacher_logits: jax.Array, center: jax.
 def dino_monitors(student_logits: jax.Array, teacher_logits: jax.Array, center: jax.Array,
                   student_temp: float | jax.Array, teacher_temp: float | jax.Array, *,
                   n_global_crops: int = 2, axis_name: str | None = None) -> dict[str, jax.Array]:
-  """DINO collapse diagnostics: mean teacher entropy and KL(teacher || student) over the loss pairs."""
-  loss, entropy = jax.lax.stop_gradient(_dino_terms(
+  """DINO collapse diagnostics over the loss pairs.
+
+  teacher_entropy -> 0 and teacher_top_mass (the batch-mean teacher probability of its most used
+  output) -> 1 when one output dominates (no centering); entropy -> ln K when the teacher is uniform
+  (no sharpening); kl_teacher_student -> 0 in either collapse.
+  """
+  loss, entropy, top_mass = jax.lax.stop_gradient(_dino_terms(
       student_logits, teacher_logits, center, student_temp, teacher_temp, n_global_crops, axis_name))
   # Every teacher crop appears in the same number of pairs, so pair-mean KL = CE - mean entropy.
-  return {"teacher_entropy": entropy, "kl_teacher_student": loss - entropy}
+  return {"teacher_entropy": entropy, "kl_teacher_student": loss - entropy,
+          "teacher_top_mass": top_mass}
 
 
 def dino_center_update(center: jax.Array, teacher_logits: jax.Array, momentum: float | jax.Array,

@@ -249,7 +249,7 @@ def test_dino_center_update_uses_global_mean_over_both_global_crops():
                              atol=1e-6)
 
 
-def test_dino_monitors_entropy_and_kl():
+def test_dino_monitors_entropy_kl_and_top_mass():
   rng = np.random.default_rng(4)
   student, teacher, center = raw(rng, N_CROPS, B, D), raw(rng, 2, B, D), 0.1 * raw(rng, D)
   temps = {"student_temp": 0.1, "teacher_temp": 0.07}
@@ -261,6 +261,7 @@ def test_dino_monitors_entropy_and_kl():
          for iq in range(2) for v in range(N_CROPS) if v != iq]
   np.testing.assert_allclose(got["teacher_entropy"], -(q * log_q).sum(-1).mean(), rtol=1e-5)
   np.testing.assert_allclose(got["kl_teacher_student"], np.mean(kls), rtol=1e-4, atol=1e-6)
+  np.testing.assert_allclose(got["teacher_top_mass"], q.mean(axis=(0, 1)).max(), rtol=1e-5)
 
 
 def test_dino_rejects_mismatched_global_crops():
