@@ -2,8 +2,8 @@
 
   python -m sslvl_jax.main --config=configs/dino_vits16.py --workdir=DIR
 
-Paper settings (not main_dino.py's defaults, see RECIPES.md): teacher temperature 0.04 -> 0.07
-over 30 epochs (per epoch), 10 local crops, norm_last_layer=False for ViT-S; student temperature
+Paper settings (not the defaults of facebookresearch/dino's main_dino.py): teacher temperature
+0.04 -> 0.07 over 30 epochs (per epoch), 10 local crops, norm_last_layer=False for ViT-S; student temperature
 0.1; center momentum 0.9; teacher momentum 0.996 -> 1 (cosine); AdamW lr 0.0005 x bs/256 (batch
 1024), 10 warm-up epochs, cosine to 1e-6; weight decay cosine 0.04 -> 0.4 (no decay on biases and
 norms); gradient clipping 3.0 PER TENSOR; last layer frozen for epoch 1; drop path 0.1 (student).
@@ -68,7 +68,7 @@ def dino_config(backbone: str, arg: str | None) -> ConfigDict:
       # At this scale the recipe's head (no BN) drifts to the uniform collapse (teacher entropy ->
       # ln 256) under every lr, momentum, crop and head width tried. What works is solo-learn's
       # small-data DINO: BN after the head's hidden layers (use_bn_in_head) and the 2 global crops
-      # only, with the sharper teacher RECIPES.md advises against collapse (0.02). k-NN 80.5% /
+      # only, with a sharper teacher against collapse on small data (0.02). k-NN 80.5% /
       # 79.8% against 61.6% / 63.0% at random init for seeds 0 / 1, 214 s (with the 4 local crops
       # of `:smoke`: 79.1% / 70.7%).
       common.drop(c.augment, "views1")

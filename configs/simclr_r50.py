@@ -7,7 +7,7 @@ README's CIFAR command), the two directions summed; projection head 2048-2048-20
 (num_proj_layers=3, BN after every linear, last BN with scale only), both views in one forward
 (BN statistics over the 2N views, SyncBN across devices). LARS lr 0.3 x bs/256 (batch 4096),
 momentum 0.9, trust 1e-3, no decay/adaptation on biases and BN, 10 warm-up epochs, cosine to 0.
-Weight decay 1e-6: the v1 paper's value and the code's flag default (RECIPES.md); the README's
+Weight decay 1e-6: the v1 paper's value and the reference code's flag default; the README's
 ImageNet command uses 1e-4 (`--config.optim.weight_decay=1e-4`). Our LARS applies the lr outside
 the momentum (optax); SimCLR's "classic momentum" applies it inside, which differs only while the
 lr changes. SimCLR v2 augmentations; the model sees [0, 1] images (no mean/std normalisation), in

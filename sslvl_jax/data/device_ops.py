@@ -4,7 +4,7 @@ Images are (b, h, w, 3) float arrays; every random op draws its parameters per e
 PRNG key and is deterministic given it. `photometric(images, key, spec)` runs the pipeline of the
 references (torchvision / BYOL order): colour jitter (random op order per example) with
 p_jitter, grayscale with p_gray, Gaussian blur with p_blur, solarize with p_solarize, then
-per-channel normalisation. `PHOTOMETRIC` holds the papers' presets (RECIPES.md).
+per-channel normalisation. `PHOTOMETRIC` holds the papers' presets (as their reference code applies them).
 
 Semantics switches: brightness 'multiplicative' (torchvision, SimCLR v2: x * U(1-s, 1+s)) or
 'additive' (TF, BYOL: x + U(-s, s)); contrast around the image's mean 'gray' level (torchvision)
@@ -293,7 +293,7 @@ def photometric(images: jax.Array, key: jax.Array, spec: PhotometricSpec | str) 
   return x
 
 
-# Presets (RECIPES.md). Crops and flips are host-side: see host_ops.CROPS.
+# Presets, as the reference code applies them. Crops and flips are host-side: see host_ops.CROPS.
 PHOTOMETRIC: Registry = Registry("photometric preset")
 _TORCHVISION_WEAK = PhotometricSpec(0.4, 0.4, 0.2, 0.1, p_jitter=0.8, p_gray=0.2)  # DINO, MoCo v3
 _MOCOV2 = PhotometricSpec(0.4, 0.4, 0.4, 0.1, p_jitter=0.8, p_gray=0.2, p_blur=0.5)  # aug+
