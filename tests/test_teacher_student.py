@@ -122,7 +122,7 @@ def _trips(rows: list[dict], rules) -> bool:
 
 def test_collapse_rule_stops_training(tmp_path):
   c = simsiam_r50.get_config("smoke")
-  c.collapse_rules = (("train/rankme", ">", 0.0),)  # trips at the first log step
+  c.collapse_rules, c.num_devices = (("train/rankme", ">", 0.0),), 1  # trips at the first log step
   with pytest.raises(RuntimeError, match=r"collapse detected at step 2: train/rankme"):
     train.run(c, str(tmp_path))
 
