@@ -7,7 +7,8 @@ Paper settings (not the defaults of facebookresearch/dino's main_dino.py): teach
 temperature 0.1; center momentum 0.9; teacher momentum 0.996 -> 1 (cosine); AdamW lr 0.0005 x bs/256
 (batch 1024), 10 warm-up epochs, cosine to 1e-6; weight decay cosine 0.04 -> 0.4 (no decay on biases
 and norms); gradient clipping 3.0 PER TENSOR; last layer frozen for epoch 1; drop path 0.1
-(student). k-NN on the teacher's [CLS] features (k=20, T=0.07, resize 256 -> crop 224). """
+(student). k-NN on the teacher's [CLS] features (k=20, T=0.07, resize 256 -> crop 224).
+"""
 
 from ml_collections import ConfigDict
 

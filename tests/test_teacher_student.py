@@ -89,8 +89,8 @@ def test_dino_teacher_temperature_warms_up_per_epoch(tmp_path):
 
 # ---- The lecture's ablations, side by side with the healthy run on the built-in digits ----------
 # Each test trains `:digits` twice with the same seed (monitors logged, rules off), asserts the
-# lecture's claim as a ratio between the two runs, and checks the config's collapse rules against
-# both: silent on the healthy run, tripping on the ablated one. Margins were measured over seeds
+# lecture's claim as a ratio between the two runs, and checks the config's collapse rules: silent on
+# the healthy run (and, for SimSiam, tripping on the ablated one). Margins were measured over seeds
 # 0-4 (README, "Collapse tests"); one device, so the runs are cheap and the mesh is not the subject.
 
 def _digits_run(module, tmp_path, *, steps: int, lr: float, **overrides) -> list[dict]:

@@ -4,7 +4,7 @@ Images are (b, h, w, 3) float arrays; every random op draws its parameters per e
 PRNG key and is deterministic given it. `photometric(images, key, spec)` runs the pipeline of the
 references (torchvision / BYOL order): colour jitter (random op order per example) with
 p_jitter, grayscale with p_gray, Gaussian blur with p_blur, solarize with p_solarize, then
-per-channel normalisation. `PHOTOMETRIC` holds the papers' presets (as their reference code applies them).
+per-channel normalisation. `PHOTOMETRIC` holds the papers' presets, as their code applies them.
 
 Semantics switches: brightness 'multiplicative' (torchvision, SimCLR v2: x * U(1-s, 1+s)) or
 'additive' (TF, BYOL: x + U(-s, s)); contrast around the image's mean 'gray' level (torchvision)

@@ -186,7 +186,8 @@ def dino_multicrop(num_local: int = 10, global_scale: tuple[float, float] = (0.4
                         (CropSpec(local_size, local_scale), num_local)))
 
 
-# Host crop presets per method (as in the reference code); every view is also flipped with p=0.5 unless noted.
+# Host crop presets per method, as in the reference code; every view is also flipped (p=0.5)
+# unless noted.
 CROPS: Registry = Registry("crop preset")
 CROPS.add("simclr", two_views(attempts=100))  # TF distorted_bounding_box_crop: 100 tries, bicubic
 CROPS.add("byol", two_views(attempts=1, fallback="clamp"))  # one attempt, sides clamped, bicubic

@@ -1,4 +1,4 @@
-"""Projection / prediction heads of the SSL methods (as in their reference code) and the DINO head, in Flax NNX.
+"""Projection / prediction heads of the SSL methods and the DINO head, as in their reference code.
 
 Every head is called as `head(x, train=...)` (`train` picks batch vs running BN statistics) and
 returns an array. Presets are registered in HEADS and built as `HEADS.get(name)(in_dim, rngs=rngs,
