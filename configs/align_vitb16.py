@@ -13,8 +13,11 @@ from ml_collections import ConfigDict
 
 from configs import common
 
+VARIANTS = ("digits", "smoke")
+
 
 def get_config(arg: str | None = None) -> ConfigDict:
+  common.check_variant(__file__, arg, VARIANTS)
   c = ConfigDict()
   c.method = "clip"
   c.seed = 0
@@ -37,4 +40,4 @@ def get_config(arg: str | None = None) -> ConfigDict:
     common.vl_on_digits(c)
   elif arg == "smoke":
     common.shrink_to_smoke(c)
-  return c
+  return common.loop_fields(c)

@@ -17,6 +17,7 @@ from ml_collections import ConfigDict
 
 from configs import common
 
+VARIANTS = ("digits", "smoke")
 BIAS_AND_NORM = r"/(bias|scale)$"  # the reference's 1-D parameters: biases and BN scales/offsets
 
 
@@ -26,6 +27,7 @@ def set_end_lr(c: ConfigDict, fraction: float = 0.001) -> None:
 
 
 def get_config(arg: str | None = None) -> ConfigDict:
+  common.check_variant(__file__, arg, VARIANTS)
   c = ConfigDict()
   c.method = "barlow_twins"
   c.seed = 0
@@ -55,4 +57,4 @@ def get_config(arg: str | None = None) -> ConfigDict:
     # (0.1) barely moves the weights in 300 steps: peak 1.0 here (the ImageNet recipe's is 1.6).
     c.optim.lr_per_256 = 2.0
   set_end_lr(c)
-  return c
+  return common.loop_fields(c)

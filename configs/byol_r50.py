@@ -12,8 +12,11 @@ from ml_collections import ConfigDict
 
 from configs import common
 
+VARIANTS = ("digits", "smoke")
+
 
 def get_config(arg: str | None = None) -> ConfigDict:
+  common.check_variant(__file__, arg, VARIANTS)
   c = ConfigDict()
   c.method = "byol"
   c.seed = 0
@@ -45,4 +48,4 @@ def get_config(arg: str | None = None) -> ConfigDict:
     common.ssl_smoke(c)
     c.model.heads.projector.update(hidden_dim=32, out_dim=16)
     c.model.heads.predictor.update(hidden_dim=32, out_dim=16)
-  return c
+  return common.loop_fields(c)

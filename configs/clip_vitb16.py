@@ -10,8 +10,11 @@ from ml_collections import ConfigDict
 
 from configs import common
 
+VARIANTS = ("smoke",)
+
 
 def get_config(arg: str | None = None) -> ConfigDict:
+  common.check_variant(__file__, arg, VARIANTS)
   c = ConfigDict()
   c.method = "clip"
   c.seed = 0
@@ -39,4 +42,4 @@ def get_config(arg: str | None = None) -> ConfigDict:
                               every_steps=10_000, batch_size=1024)))
   if arg == "smoke":
     common.shrink_to_smoke(c)
-  return c
+  return common.loop_fields(c)

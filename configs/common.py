@@ -1,9 +1,36 @@
-"""Helpers shared by recipe configs: the smoke-run shrink, the built-in data block, CLIP evals."""
+"""Helpers shared by recipe configs: variant check, loop fields, smoke shrink, built-in data."""
+
+import os
+from typing import Sequence
 
 from ml_collections import ConfigDict, config_dict
 
+from sslvl_jax.errors import ConfigError
+
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+def check_variant(config_file: str, arg: str | None, known: Sequence[str]) -> None:
+  """Raise ConfigError unless `arg` (the text after `:` in --config) is a variant of the recipe."""
+  if arg and arg not in known:
+    folder, name = os.path.split(os.path.abspath(config_file))
+    raise ConfigError(f"{os.path.basename(folder)}/{name}: unknown variant {arg!r}; "
+                      f"known: {', '.join(known)} (or no argument for the paper recipe)")
+
+
+def loop_fields(c: ConfigDict) -> ConfigDict:
+  """Declare the training loop's optional settings the recipe left out, so the CLI can set them."""
+  defaults = dict(
+      stop_at_step=config_dict.placeholder(int),  # save and exit after this step
+      keep_checkpoints=3,
+      num_devices=config_dict.placeholder(int),  # None: all devices
+      nonfinite="stop",  # 'stop' | 'skip': what a step with a non-finite loss or gradient does
+      max_consecutive_skips=10)
+  for key, value in defaults.items():
+    if key not in c:
+      c[key] = value
+  return c
 
 
 def data_config(**fields) -> ConfigDict:

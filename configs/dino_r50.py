@@ -3,8 +3,10 @@ README suggests for ResNet-50); see dino_vits16.py."""
 
 from ml_collections import ConfigDict
 
-from configs.dino_vits16 import dino_config
+from configs import common
+from configs.dino_vits16 import VARIANTS, dino_config
 
 
 def get_config(arg: str | None = None) -> ConfigDict:
+  common.check_variant(__file__, arg, VARIANTS)
   return dino_config("resnet50", arg)

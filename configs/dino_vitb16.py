@@ -2,8 +2,10 @@
 
 from ml_collections import ConfigDict
 
-from configs.dino_vits16 import dino_config
+from configs import common
+from configs.dino_vits16 import VARIANTS, dino_config
 
 
 def get_config(arg: str | None = None) -> ConfigDict:
+  common.check_variant(__file__, arg, VARIANTS)
   return dino_config("vit_b16", arg)

@@ -14,13 +14,14 @@ from ml_collections import ConfigDict
 
 from configs import common
 
+VARIANTS = ("digits", "smoke")
 ARCH = {"vit_s16": dict(norm_last_layer=False, batch=1024, lr_per_256=0.0005),
         "vit_b16": dict(norm_last_layer=True, batch=1024, lr_per_256=0.00075),
         "resnet50": dict(norm_last_layer=True, batch=4080, lr_per_256=0.03)}
 
 
 def dino_config(backbone: str, arg: str | None) -> ConfigDict:
-  """The DINO recipe for `backbone`; `arg` in (None, 'digits', 'smoke')."""
+  """The DINO recipe for `backbone`; `arg` None (the paper's) or one of VARIANTS."""
   a = ARCH[backbone]
   c = ConfigDict()
   c.method = "dino"
@@ -78,8 +79,9 @@ def dino_config(backbone: str, arg: str | None) -> ConfigDict:
       c.model.backbone.pool = "mean"  # the [CLS] output barely varies across images at init
     else:
       c.loss.teacher_temp_warmup_epochs = 5  # the per-epoch schedule runs in the tests
-  return c
+  return common.loop_fields(c)
 
 
 def get_config(arg: str | None = None) -> ConfigDict:
+  common.check_variant(__file__, arg, VARIANTS)
   return dino_config("vit_s16", arg)

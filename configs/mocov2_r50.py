@@ -17,8 +17,11 @@ from ml_collections import ConfigDict
 
 from configs import common
 
+VARIANTS = ("digits", "smoke")
+
 
 def get_config(arg: str | None = None) -> ConfigDict:
+  common.check_variant(__file__, arg, VARIANTS)
   c = ConfigDict()
   c.method = "mocov2"
   c.seed = 0
@@ -55,4 +58,4 @@ def get_config(arg: str | None = None) -> ConfigDict:
     c.optim.update(lr_per_256=0.3, warmup_steps=0)  # solo-learn's CIFAR MoCo v2+ lr
     if arg == "digits":
       c.total_steps = 600  # k-NN dips below random init around step 200, then recovers
-  return c
+  return common.loop_fields(c)

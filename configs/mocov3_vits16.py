@@ -18,10 +18,12 @@ from ml_collections import ConfigDict
 
 from configs import common
 
+VARIANTS = ("digits", "smoke")
 FROZEN_RANDOM_PATCHES = dict(pos_embed="sincos", freeze_patch_embed=True)
 
 
 def get_config(arg: str | None = None) -> ConfigDict:
+  common.check_variant(__file__, arg, VARIANTS)
   c = ConfigDict()
   c.method = "mocov3"
   c.seed = 0
@@ -52,4 +54,4 @@ def get_config(arg: str | None = None) -> ConfigDict:
     c.model.heads.projector.update(hidden_dim=hidden, out_dim=out)
     c.model.heads.predictor.update(hidden_dim=hidden, out_dim=out)
     c.optim.lr_per_256 = 1.5e-3  # 10x: 300 steps instead of 94k
-  return c
+  return common.loop_fields(c)

@@ -10,8 +10,11 @@ from ml_collections import ConfigDict
 
 from configs import common
 
+VARIANTS = ("smoke",)
+
 
 def get_config(arg: str | None = None) -> ConfigDict:
+  common.check_variant(__file__, arg, VARIANTS)
   c = ConfigDict()
   c.method = "clip"
   c.seed = 0
@@ -36,4 +39,4 @@ def get_config(arg: str | None = None) -> ConfigDict:
     c.total_steps, c.log_every_steps, c.checkpoint_every_steps = 4, 2, 2
     c.global_batch_size = 16
     c.evals.zero_shot.every_steps = 0
-  return c
+  return common.loop_fields(c)

@@ -19,7 +19,11 @@ from ml_collections import ConfigDict
 
 from configs import common
 
+VARIANTS = ("digits", "smoke")
+
+
 def get_config(arg: str | None = None) -> ConfigDict:
+  common.check_variant(__file__, arg, VARIANTS)
   c = ConfigDict()
   c.method = "simclr"
   c.seed = 0
@@ -47,4 +51,4 @@ def get_config(arg: str | None = None) -> ConfigDict:
     c.model.heads.projector.update(hidden_dim=hidden, out_dim=out)
     c.loss.temperature = 0.2  # solo-learn's CIFAR value
     c.optim.lr_per_256 = 1.0
-  return c
+  return common.loop_fields(c)

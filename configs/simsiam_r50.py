@@ -13,8 +13,11 @@ from ml_collections import ConfigDict
 
 from configs import common
 
+VARIANTS = ("digits", "smoke")
+
 
 def get_config(arg: str | None = None) -> ConfigDict:
+  common.check_variant(__file__, arg, VARIANTS)
   c = ConfigDict()
   c.method = "simsiam"
   c.seed = 0
@@ -48,4 +51,4 @@ def get_config(arg: str | None = None) -> ConfigDict:
     c.model.heads.projector.update(hidden_dim=128, out_dim=128)
     c.model.heads.predictor.update(hidden_dim=32, out_dim=128)
     c.optim.warmup_steps = 0
-  return c
+  return common.loop_fields(c)

@@ -12,8 +12,11 @@ from ml_collections import ConfigDict
 
 from configs import common
 
+VARIANTS = ("digits", "smoke")
+
 
 def get_config(arg: str | None = None) -> ConfigDict:
+  common.check_variant(__file__, arg, VARIANTS)
   c = ConfigDict()
   c.method = "slip"
   c.seed = 0
@@ -38,4 +41,4 @@ def get_config(arg: str | None = None) -> ConfigDict:
     (common.vl_on_digits if arg == "digits" else common.shrink_to_smoke)(c)
     c.data.update(crops=None, crop_groups=((32, (0.5, 1.0), 2),))
     c.model.ssl_head = ConfigDict(dict(hidden_dim=64, out_dim=32))
-  return c
+  return common.loop_fields(c)

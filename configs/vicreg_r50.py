@@ -12,10 +12,13 @@ LARS base lr 0.2 x bs/256 for every parameter (batch 2048), wd 1e-6, 10 warm-up 
 
 from ml_collections import ConfigDict
 
-from configs import barlow_r50
+from configs import barlow_r50, common
+
+VARIANTS = barlow_r50.VARIANTS
 
 
 def get_config(arg: str | None = None) -> ConfigDict:
+  common.check_variant(__file__, arg, VARIANTS)
   c = barlow_r50.get_config(arg)
   c.method = "vicreg"
   c.model.heads.projector.name = "vicreg_projector"
