@@ -1,18 +1,26 @@
 """Evaluation math: DINO k-NN (single device and sharded bank), top-k accuracy, linear probe,
-zero-shot prompt ensembling and assets, image-text retrieval recalls."""
+zero-shot prompt ensembling and assets, image-text retrieval recalls; evaluators: checks when
+built, unreadable records left out and counted."""
 
 from __future__ import annotations
+
+import csv
+import os
+import pathlib
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from ml_collections import ConfigDict
+from PIL import Image
 from sklearn.linear_model import LogisticRegression
 
-from sslvl_jax import parallel
+from configs import quickstart
+from sslvl_jax import methods, parallel
 from sslvl_jax.errors import ConfigError
 from sslvl_jax.evals import (class_text_embeddings, knn_predict, load_classnames, load_templates,
-                             retrieval_recalls, topk_accuracy, zero_shot_scores)
+                             retrieval_recalls, tasks, topk_accuracy, zero_shot_scores)
 from sslvl_jax.evals import linear_probe as linear_probe_lib
 from sslvl_jax.evals.linear_probe import linear_probe
 
@@ -187,8 +195,17 @@ def test_shipped_templates_and_classnames():
   names = load_classnames("imagenet")
   assert len(names) == 1000 and names[:3] == ["tench", "goldfish", "great white shark"]
   assert names[-1] == "toilet paper"
-  with pytest.raises(ConfigError, match="known: imagenet"):
+  assert load_classnames("digits")[:2] == ["zero", "one"]
+  with pytest.raises(ConfigError, match="known: digits_eval, digits_train, imagenet "):
     load_templates("no_such_set")
+
+
+def test_classnames_from_a_text_file(tmp_path):
+  (tmp_path / "names.txt").write_text("cat\n\ndog\n", encoding="utf-8")
+  assert load_classnames(str(tmp_path / "names.txt")) == ["cat", "dog"]
+  (tmp_path / "empty.txt").write_text("\n", encoding="utf-8")
+  with pytest.raises(ConfigError, match="empty"):
+    load_classnames(str(tmp_path / "empty.txt"))
 
 
 # ---- retrieval --------------------------------------------------------------------------------
@@ -212,32 +229,31 @@ def test_retrieval_recalls_hand_built():
       "text_to_image_r4": 1.0})
 
 
-def test_retrieval_evaluator_groups_repeated_images(tmp_path):
+@pytest.fixture(scope="module")
+def clip() -> tuple:
+  """The quickstart smoke CLIP (micro towers, built-in digits), its mesh and its initial model."""
+  c = quickstart.get_config("smoke")
+  c.schedule = {"total_steps": 4, "steps_per_epoch": 1.0}
+  mesh = parallel.make_mesh()
+  method = methods.get("clip")(c, mesh)
+  return method, mesh, method.merge(*method.init_model(jax.random.key(0)))
+
+
+def test_retrieval_evaluator_groups_repeated_images(tmp_path, clip):
   """COCO layout: 3 images x 2 captions; recall computed over unique images (end to end)."""
-  import csv as _csv  # pylint: disable=g-import-not-at-top
-  from PIL import Image  # pylint: disable=g-import-not-at-top
-  from configs import quickstart  # pylint: disable=g-import-not-at-top
-  from sslvl_jax import methods, parallel  # pylint: disable=g-import-not-at-top
-  from sslvl_jax.evals import tasks  # pylint: disable=g-import-not-at-top
-  from ml_collections import ConfigDict  # pylint: disable=g-import-not-at-top
+  method, mesh, model = clip
   rows = []
   for i in range(3):
     Image.fromarray(np.full((32, 32, 3), 60 * i, np.uint8)).save(tmp_path / f"{i}.png")
     rows += [(f"{i}.png", f"a photo of the number {w}.") for w in ("one", "two")]
   with open(tmp_path / "coco.csv", "w", newline="") as f:
-    w = _csv.writer(f)
+    w = csv.writer(f)
     w.writerow(["filepath", "title"])
     w.writerows(rows)
-  c = quickstart.get_config("smoke")
-  c.schedule = {"total_steps": 4, "steps_per_epoch": 1.0}
-  mesh = parallel.make_mesh()
-  method = methods.get("clip")(c, mesh)
-  params, model_state = method.init_model(jax.random.key(0))
   ev = tasks.Retrieval(ConfigDict(dict(type="retrieval", split="test", batch_size=8, data=dict(
       name="csv", splits=dict(test=str(tmp_path / "coco.csv"))))), method, mesh)
-  res = ev.run(method.merge(params, model_state), {})
+  res = ev.run(model, {})
   # Recompute with the pure function on the same embeddings: 3 gallery images, 6 captions.
-  model = method.merge(params, model_state)
   imgs = np.stack([np.asarray(Image.open(tmp_path / f"{i}.png").convert("RGB")) for i in range(3)])
   tok = tasks.tokenizer(tasks.data.tokenizer_spec(method.config.data))
   img = np.asarray(method.image_features(model, {}, jnp.asarray(imgs)))
@@ -246,3 +262,104 @@ def test_retrieval_evaluator_groups_repeated_images(tmp_path):
   for k, v in want.items():
     assert res[k] == pytest.approx(v, abs=1e-6)
   assert res["image_to_text_r5"] == 1.0 and res["text_to_image_r5"] == 1.0  # only 3 images
+  assert res["skipped"] == 0
+
+
+# ---- evaluators: checks when built, unreadable records ----------------------------------------
+
+
+def _image_folder(root: pathlib.Path, seed: int, truncate: str | None = None,
+                  leave_out: str | None = None) -> str:
+  """root/<class>/<i>.png, 3 classes x 5 noisy 12x12 images around a class colour.
+
+  The file `truncate` (class/name) is written with half its bytes; `leave_out` is not written.
+  """
+  rng = np.random.default_rng(seed)
+  for c, colour in enumerate(((200, 40, 40), (40, 200, 40), (40, 40, 200))):
+    os.makedirs(root / f"c{c}", exist_ok=True)
+    for i in range(5):
+      pixels = np.clip(np.array(colour) + rng.normal(0, 60, (12, 12, 3)), 0, 255).astype(np.uint8)
+      rel = f"c{c}/{i}.png"
+      if rel != leave_out:
+        Image.fromarray(pixels).save(root / rel)
+      if rel == truncate:
+        blob = (root / rel).read_bytes()
+        (root / rel).write_bytes(blob[:len(blob) // 2])
+  return str(root)
+
+
+def _knn(train: str, test: str, method, mesh) -> tasks.Evaluator:
+  """A k-NN evaluator (k=5, batches of 8: two per split) over two image folders."""
+  cfg = dict(knn=dict(type="knn", k=5, batch_size=8, data=dict(
+      name="image_folder", splits=dict(train=train, test=test))))
+  return tasks.build_all(ConfigDict(cfg), method, mesh)["knn"]
+
+
+def test_knn_leaves_out_and_counts_an_unreadable_record(tmp_path, clip):
+  """One truncated test image: the evaluation is that of the folder without it, skipped == 1."""
+  method, mesh, model = clip
+  train = _image_folder(tmp_path / "train", seed=0)
+  bad = _image_folder(tmp_path / "bad", seed=1, truncate="c0/2.png")
+  ref = _image_folder(tmp_path / "ref", seed=1, leave_out="c0/2.png")
+  ev, ev_ref = _knn(train, bad, method, mesh), _knn(train, ref, method, mesh)
+  got, want = ev.run(model, {}), ev_ref.run(model, {})
+  assert got.pop("skipped") == 1 and want.pop("skipped") == 0
+  assert got == want
+  # Left out, not replaced: the 14 readable rows in order, as read from the reference folder.
+  feats, labels = ev.features(model, {}, "test_split")
+  ref_feats, ref_labels = ev_ref.features(model, {}, "test_split")
+  assert labels.tolist() == ref_labels.tolist() == [0] * 4 + [1] * 5 + [2] * 5
+  np.testing.assert_allclose(feats, ref_feats, rtol=1e-6)
+
+
+def test_all_records_unreadable_is_one_clear_error(tmp_path, clip):
+  method, mesh, model = clip
+  train = _image_folder(tmp_path / "train", seed=0)
+  (tmp_path / "bad" / "c0").mkdir(parents=True)
+  (tmp_path / "bad" / "c0" / "0.png").write_bytes(b"not a png")
+  with pytest.raises(RuntimeError, match=r"^evals.knn.test_split='test': all 1 records are "
+                                         r"unreadable"):
+    _knn(train, str(tmp_path / "bad"), method, mesh).run(model, {})
+
+
+ZERO_SHOT = dict(type="zero_shot", split="test", classnames="digits", templates="digits_eval")
+
+
+@pytest.mark.parametrize("evals,message", [
+    (dict(zs={**ZERO_SHOT, "classnames": "imagenett"}),
+     "evals.zs.classnames='imagenett': no such class-name set; known: digits, imagenet (or a path "
+     "to a text file with one name per line)"),
+    (dict(zs={**ZERO_SHOT, "templates": "/no/templates.txt"}),
+     "evals.zs.templates='/no/templates.txt': no such template set; known: digits_eval, "
+     "digits_train, imagenet (or a path to a text file with one prompt per line, {} marking the "
+     "class name)"),
+    (dict(zs={k: v for k, v in ZERO_SHOT.items() if k != "classnames"}),
+     "evals.zs.classnames is not set; a zero_shot evaluator needs classnames, templates"),
+    (dict(zs={**ZERO_SHOT, "split": "val"}),
+     "evals.zs.split='val': ValueError: unknown split 'val' for the built-in digits; use 'train' "
+     "or 'test'"),
+    (dict(zs={**ZERO_SHOT, "data": dict(tokenizer="/no/tok.model")}),
+     "evals.zs.data.tokenizer='/no/tok.model': FileNotFoundError: tokenizer model '/no/tok.model' "
+     "not found; "),
+    (dict(zs={**ZERO_SHOT, "test_split": "test"}),
+     "evals.zs.test_split: not a setting of a zero_shot evaluator; known: batch_size, classnames, "
+     "data, every_steps, split, templates, type"),
+    (dict(nn=dict(type="knnn")),
+     "evals.nn.type='knnn': unknown evaluator 'knnn'; known: knn, linear_probe, retrieval, "
+     "zero_shot"),
+    (dict(nn=dict(type="knn", k=1501)),
+     "evals.nn.k=1501: more neighbours than the 1500 records of train_split='train'"),
+])
+def test_build_all_rejects_bad_settings_in_one_line(evals, message, clip):
+  method, mesh, _ = clip
+  with pytest.raises(ConfigError) as e:
+    tasks.build_all(ConfigDict(evals), method, mesh)
+  assert str(e.value).startswith(message) and "\n" not in str(e.value)
+
+
+def test_build_all_names_a_test_split_that_does_not_open(tmp_path, clip):
+  method, mesh, _ = clip
+  with pytest.raises(ConfigError) as e:
+    _knn(_image_folder(tmp_path / "train", seed=0), str(tmp_path / "nope"), method, mesh)
+  assert str(e.value) == (f"evals.knn.test_split='test': image folder '{tmp_path / 'nope'}' "
+                          "does not exist; check data.splits")

@@ -12,6 +12,7 @@ import numpy as np
 from jax.sharding import Mesh
 
 from sslvl_jax import parallel
+from sslvl_jax.errors import RunError
 
 
 def make_dataset(source: Any, transform: Callable[[dict, np.random.Generator], dict], *,
@@ -25,19 +26,21 @@ def make_dataset(source: Any, transform: Callable[[dict, np.random.Generator], d
   takes batches p, p + P, p + 2P, ... So global batch s holds the same examples in the same order
   whatever the number of processes, each process decodes only its own examples, and the stream
   resumes exactly from the iterator state. Evaluation: this process's slice, one ordered pass,
-  the last partial batch kept.
+  the last partial batch kept; an unreadable record is logged and dropped (not replaced), so a
+  process's batches hold fewer rows than its slice.
   """
   pid = jax.process_index() if process_index is None else process_index
   nproc = jax.process_count() if process_count is None else process_count
-  read = ReadExample(source, transform, max_retries=16 if train else 1)
+  read = ReadExample(source, transform, max_retries=16 if train else 1, drop=not train)
   ds = grain.MapDataset.range(len(source))
+  options = grain.ReadOptions(num_threads=4, prefetch_buffer_size=8)
   if train:
     ds = ds.shuffle(seed=seed).repeat()
     ds = ds.random_map(read, seed=seed).batch(local_batch_size, drop_remainder=True)
-    ds = ds[pid::nproc]
-  else:
-    ds = ds[pid::nproc].random_map(read, seed=seed).batch(local_batch_size)
-  it = ds.to_iter_dataset(grain.ReadOptions(num_threads=4, prefetch_buffer_size=8))
+    it = ds[pid::nproc].to_iter_dataset(options)
+  else:  # to_iter_dataset leaves out the None of a dropped record; batch what remains
+    ds = ds[pid::nproc].random_map(read, seed=seed)
+    it = ds.to_iter_dataset(options).batch(local_batch_size)
   if worker_count:
     it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count))
   return it
@@ -71,14 +74,16 @@ class ReadExample:
   A corrupt, truncated or missing record is logged with its key and replaced by the next index
   (deterministically, so resumption stays exact); `skipped` in the example counts the records
   passed over, which the train loop sums into `data/skipped` and checks against
-  `data.max_skip_fraction`.
+  `data.max_skip_fraction`. With `drop` (evaluation, max_retries=1) a record still unreadable
+  after `max_retries` reads as None instead of raising: the pipeline leaves it out.
   """
 
   source: Any
   transform: Callable[[dict, np.random.Generator], dict]
   max_retries: int = 16
+  drop: bool = False
 
-  def __call__(self, index: int, rng: np.random.Generator) -> dict:
+  def __call__(self, index: int, rng: np.random.Generator) -> dict | None:
     n = len(self.source)
     errors = []
     for attempt in range(self.max_retries):
@@ -92,7 +97,9 @@ class ReadExample:
         continue
       example["skipped"] = np.int32(attempt)
       return example
-    raise RuntimeError(f"{self.max_retries} consecutive unreadable records starting at index "
+    if self.drop:
+      return None
+    raise RunError(f"{self.max_retries} consecutive unreadable records starting at index "
                        f"{index}; the data looks broken. Errors: {errors[:3]}")
 
 

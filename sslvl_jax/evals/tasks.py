@@ -2,13 +2,16 @@
 
 Each evaluator is configured by a dict in `config.evals` (name -> {type, every_steps, ...}) and
 runs on its own schedule, like big_vision's evaluators. Every setting it uses is logged with it.
+Building one checks all it can without weights (settings, splits, class names, templates,
+tokenizer), so a bad value fails before training starts; at evaluation an unreadable record is
+logged, left out and counted in the result's `skipped`.
 """
 
 from __future__ import annotations
 
 import json
 import os
-from typing import Any
+from typing import Any, Callable, TypeVar
 
 import jax
 import jax.numpy as jnp
@@ -17,33 +20,91 @@ from flax import nnx
 from ml_collections import ConfigDict
 
 from sslvl_jax import data, parallel
-from sslvl_jax.data import builtin
 from sslvl_jax.data.examples import tokenizer
+from sslvl_jax.errors import ConfigError, RunError
 from sslvl_jax.evals import EVALUATORS, knn, linear_probe, retrieval_recalls, zero_shot
 
-CLASSNAMES = {"digits": builtin.CLASSNAMES}
-TEMPLATES = {"digits_eval": builtin.EVAL_TEMPLATES, "digits_train": builtin.TRAIN_TEMPLATES}
+T = TypeVar("T")
+COMMON = ("type", "every_steps", "batch_size", "data")  # settings of every evaluator
+TRAIN_TEST = {"train_split": "train", "test_split": "test"}
 
 
-def _classnames(name: str) -> tuple[str, ...]:
-  return CLASSNAMES[name] if name in CLASSNAMES else tuple(zero_shot.load_classnames(name))
+def checked(name: str, key: str, value: Any, fn: Callable[[], T]) -> T:
+  """fn(), any failure raised as a one-line ConfigError naming `evals.<name>.<key>=value`."""
+  try:
+    return fn()
+  except Exception as e:  # pylint: disable=broad-except  # whatever failed, name the setting
+    reason = str(e) if isinstance(e, ConfigError) else f"{type(e).__name__}: {e}"
+    raise ConfigError(f"evals.{name}.{key}={value!r}: {(reason.splitlines() or [''])[0]}") from e
 
 
-def _templates(name: str) -> tuple[str, ...]:
-  return TEMPLATES[name] if name in TEMPLATES else tuple(zero_shot.load_templates(name))
+def _open(cfg: ConfigDict, split: str) -> Any:
+  """The source of `split`; one without records is a configuration error."""
+  source = data.source(cfg, split)
+  if not len(source):
+    raise ConfigError("the split has no records")
+  return source
 
 
 class Evaluator:
-  """Base: schedule, data config, and sharded feature extraction of a split."""
+  """Base: settings checked and splits opened up front, sharded feature extraction of a split."""
 
-  def __init__(self, cfg: ConfigDict, method: Any, mesh: Any):
+  SPLITS: dict[str, str] = {}  # split setting -> its default
+  REQUIRED: tuple[str, ...] = ()
+  OPTIONS: tuple[str, ...] = ()  # the other settings it reads
+  EXAMPLE = "image_label"  # host transform of its records
+  TEXT = False  # needs the tokenizer
+
+  def __init__(self, cfg: ConfigDict, method: Any, mesh: Any, name: str | None = None):
     self.cfg, self.method, self.mesh = cfg, method, mesh
+    self.name = name or cfg.type
+    self._check_settings()
     self.data_cfg = ConfigDict(method.config.data.to_dict())
     self.data_cfg.update(cfg.get("data", {}))
     self.batch_size = cfg.get("batch_size", 256)
     n = mesh.devices.size
     self.batch_size = -(-self.batch_size // n) * n
+    self.splits = {key: cfg.get(key, default) for key, default in self.SPLITS.items()}
+    self.sources = {key: checked(self.name, key, split, lambda s=split: _open(self.data_cfg, s))
+                    for key, split in self.splits.items()}
+    if self.TEXT:
+      self.tokenizer = checked(self.name, "data.tokenizer", self.data_cfg.get("tokenizer"),
+                               lambda: tokenizer(data.tokenizer_spec(self.data_cfg)))
+    self.transform = data.example_transform(self.data_cfg, self.EXAMPLE, train=False)
+    self.skipped = 0  # records left out as unreadable in the current run, all processes
     self._features = jax.jit(self._features_fn)
+
+  def _check_settings(self) -> None:
+    """Every setting is one this evaluator reads, and the required ones are set."""
+    known = sorted({*COMMON, *self.SPLITS, *self.REQUIRED, *self.OPTIONS})
+    for key in self.cfg.keys():
+      if key not in known:
+        raise ConfigError(f"evals.{self.name}.{key}: not a setting of a {self.cfg.type} "
+                          f"evaluator; known: {', '.join(known)}")
+    for key in self.REQUIRED:
+      if self.cfg.get(key) is None:
+        raise ConfigError(f"evals.{self.name}.{key} is not set; a {self.cfg.type} evaluator "
+                          f"needs {', '.join(self.REQUIRED)}")
+
+  def run(self, model: nnx.Module, extras: Any) -> dict[str, float]:
+    """The metrics of `evaluate` and `skipped`, the records left out as unreadable."""
+    self.skipped = 0
+    return {**self.evaluate(model, extras), "skipped": self.skipped}
+
+  def evaluate(self, model: nnx.Module, extras: Any) -> dict[str, float]:
+    """The metrics of this evaluator (each subclass)."""
+    raise NotImplementedError
+
+  def _count(self, key: str, rows: int) -> None:
+    """Add the records of split setting `key` missing from the `rows` read to `skipped`.
+
+    `rows` counts what every process read, so this is the sum over processes of the records a
+    process should have read minus the rows it got. No row at all is an error.
+    """
+    if not rows:
+      raise RunError(f"evals.{self.name}.{key}={self.splits[key]!r}: all "
+                         f"{len(self.sources[key])} records are unreadable (each is logged above)")
+    self.skipped += len(self.sources[key]) - rows
 
   def due(self, step: int, total_steps: int) -> bool:
     """Run every `every_steps` and at the last step."""
@@ -54,39 +115,41 @@ class Evaluator:
     model = nnx.merge(self.method.graphdef, params, model_state)
     return self.method.image_features(model, extras, images).astype(jnp.float32)
 
-  def features(self, model: nnx.Module, extras: Any, split: str) -> tuple[np.ndarray, np.ndarray]:
-    """(features, labels) of every example of `split`, batched and sharded over the mesh.
+  def features(self, model: nnx.Module, extras: Any, key: str) -> tuple[np.ndarray, np.ndarray]:
+    """(features, labels) of the readable examples of split setting `key`, sharded over the mesh.
 
     Every process runs the same number of batches (zero-padded, with a validity mask), so the
-    collectives line up on multi-host; rows come back grouped by process.
+    collectives line up on multi-host; rows come back grouped by process. A process whose
+    records were left out as unreadable just has fewer valid rows.
     """
-    source = data.source(self.data_cfg, split)
-    transform = data.example_transform(self.data_cfg, "image_label", train=False)
+    source = self.sources[key]
     nproc = jax.process_count()
     local_bs = self.batch_size // nproc
     n_batches = -(-(-(-len(source) // nproc)) // local_bs)
-    it = iter(data.make_dataset(source, transform, local_batch_size=local_bs, seed=0, train=False))
-    blank = transform(source[0], np.random.default_rng(0))["image"]
+    it = iter(data.make_dataset(source, self.transform, local_batch_size=local_bs, seed=0,
+                                train=False))
+    size = self.data_cfg.image_size
     _, params, model_state = nnx.split(model, nnx.Param, ...)
     feats, labels = [], []
     for _ in range(n_batches):
-      local = next(it, {"image": blank[None][:0], "label": np.zeros((0,), np.int32)})
-      n = len(local["label"])
-      images = np.zeros((local_bs,) + blank.shape, blank.dtype)
-      images[:n] = local["image"]
+      local = next(it, None)
+      n = 0 if local is None else len(local["label"])
+      images = np.zeros((local_bs, size, size, 3), np.uint8)
       lab = np.full((local_bs,), -1, np.int64)
-      lab[:n] = local["label"]
+      if n:
+        images[:n], lab[:n] = local["image"], local["label"]
       g = parallel.host_to_global(self.mesh, {"image": images})
       f = gather(self._features(params, model_state, extras, g["image"]))
       valid = gather(np.arange(local_bs) < n)
       feats.append(f[valid])
       labels.append(gather(lab)[valid])
+    self._count(key, sum(map(len, labels)))
     return np.concatenate(feats), np.concatenate(labels)
 
   def train_test(self, model: nnx.Module, extras: Any) -> tuple:
     """(train feats, train labels, test feats, test labels, number of classes) for probes."""
-    train_f, train_l = self.features(model, extras, self.cfg.get("train_split", "train"))
-    test_f, test_l = self.features(model, extras, self.cfg.get("test_split", "test"))
+    train_f, train_l = self.features(model, extras, "train_split")
+    test_f, test_l = self.features(model, extras, "test_split")
     return train_f, train_l, test_f, test_l, int(self.cfg.get("num_classes", int(train_l.max()) + 1))
 
   def settings(self) -> dict:
@@ -109,16 +172,26 @@ def gather(x: Any) -> np.ndarray:
 class ZeroShot(Evaluator):
   """Zero-shot classification: prompt-ensembled class embeddings vs image embeddings."""
 
-  def run(self, model: nnx.Module, extras: Any) -> dict[str, float]:
+  SPLITS = {"split": "test"}
+  REQUIRED = ("classnames", "templates")
+  TEXT = True
+
+  def __init__(self, cfg: ConfigDict, method: Any, mesh: Any, name: str | None = None):
+    super().__init__(cfg, method, mesh, name)
+    self.classnames = checked(self.name, "classnames", cfg.classnames,
+                              lambda: zero_shot.load_classnames(cfg.classnames))
+    self.templates = checked(self.name, "templates", cfg.templates,
+                             lambda: zero_shot.load_templates(cfg.templates))
+
+  def evaluate(self, model: nnx.Module, extras: Any) -> dict[str, float]:
     """Top-1/top-5 on `cfg.split` with `cfg.classnames` x `cfg.templates`."""
-    tok = tokenizer(data.tokenizer_spec(self.data_cfg))
     _, params, model_state = nnx.split(model, nnx.Param, ...)
     encode = jax.jit(lambda t: self.method.text_features(
         nnx.merge(self.method.graphdef, params, model_state), extras, t))
     class_emb = zero_shot.class_text_embeddings(
-        lambda t: np.asarray(encode(jnp.asarray(t))), tok.encode,
-        _classnames(self.cfg.classnames), _templates(self.cfg.templates))
-    feats, labels = self.features(model, extras, self.cfg.get("split", "test"))
+        lambda t: np.asarray(encode(jnp.asarray(t))), self.tokenizer.encode, self.classnames,
+        self.templates)
+    feats, labels = self.features(model, extras, "split")
     scores = zero_shot.zero_shot_scores(feats, class_emb)
     return knn.topk_accuracy(scores, labels, ks=(1, 5))
 
@@ -127,11 +200,21 @@ class ZeroShot(Evaluator):
 class Knn(Evaluator):
   """DINO k-NN: cosine similarity, top-k, votes weighted by exp(sim / T)."""
 
-  def run(self, model: nnx.Module, extras: Any) -> dict[str, float]:
+  SPLITS = TRAIN_TEST
+  OPTIONS = ("k", "temperature", "num_classes")
+
+  def __init__(self, cfg: ConfigDict, method: Any, mesh: Any, name: str | None = None):
+    super().__init__(cfg, method, mesh, name)
+    self.k, bank = cfg.get("k", 20), len(self.sources["train_split"])
+    if self.k > bank:
+      raise ConfigError(f"evals.{self.name}.k={self.k}: more neighbours than the {bank} records "
+                        f"of train_split={self.splits['train_split']!r}")
+
+  def evaluate(self, model: nnx.Module, extras: Any) -> dict[str, float]:
     """Top-1/top-5 of `cfg.test_split` against the `cfg.train_split` feature bank."""
     train_f, train_l, test_f, test_l, num_classes = self.train_test(model, extras)
     scores = knn.knn_predict(train_f, train_l, test_f, num_classes=num_classes,
-                             k=self.cfg.get("k", 20), temperature=self.cfg.get("temperature", 0.07),
+                             k=self.k, temperature=self.cfg.get("temperature", 0.07),
                              mesh=self.mesh)
     return knn.topk_accuracy(scores, test_l, ks=(1, 5))
 
@@ -140,7 +223,10 @@ class Knn(Evaluator):
 class LinearProbe(Evaluator):
   """Linear classifier on frozen features with a small lr/wd sweep on a held-out split."""
 
-  def run(self, model: nnx.Module, extras: Any) -> dict[str, float]:
+  SPLITS = TRAIN_TEST
+  OPTIONS = ("probe", "num_classes")
+
+  def evaluate(self, model: nnx.Module, extras: Any) -> dict[str, float]:
     """Top-1/top-5 on `cfg.test_split` after training on `cfg.train_split`."""
     train_f, train_l, test_f, test_l, num_classes = self.train_test(model, extras)
     res = linear_probe.linear_probe(train_f, train_l, test_f, test_l, num_classes=num_classes,
@@ -149,8 +235,12 @@ class LinearProbe(Evaluator):
 
 
 def build_all(cfg: ConfigDict, method: Any, mesh: Any) -> dict[str, Evaluator]:
-  """Evaluators of `config.evals` by name."""
-  return {name: EVALUATORS.get(c.type)(c, method, mesh) for name, c in cfg.items()}
+  """Evaluators of `config.evals` by name, each checked against its data and assets."""
+  out = {}
+  for name, c in cfg.items():
+    kind = c.get("type")
+    out[name] = checked(name, "type", kind, lambda k=kind: EVALUATORS.get(k))(c, method, mesh, name)
+  return out
 
 
 def save_result(workdir: str, name: str, step: int, result: dict, settings: dict) -> None:
@@ -172,20 +262,26 @@ class Retrieval(Evaluator):
   captions is retrieved.
   """
 
-  def run(self, model: nnx.Module, extras: Any) -> dict[str, float]:
+  SPLITS = {"split": "test"}
+  OPTIONS = ("ks",)
+  EXAMPLE = "image_text"
+  TEXT = True
+
+  def evaluate(self, model: nnx.Module, extras: Any) -> dict[str, float]:
     """Image->text and text->image recall at `cfg.ks` (default 1, 5, 10)."""
-    source = data.source(self.data_cfg, self.cfg.get("split", "test"))
-    transform = data.example_transform(self.data_cfg, "image_text", train=False)
+    # Every process reads the whole split and computes the recalls itself.
+    batches = list(data.make_dataset(self.sources["split"], self.transform,
+                                     local_batch_size=self.batch_size, seed=0, train=False,
+                                     process_index=0, process_count=1))
+    self._count("split", sum(len(b["tokens"]) for b in batches))
+    rows = np.concatenate([b["image"] for b in batches])
+    tokens = np.concatenate([b["tokens"] for b in batches])
+    index: dict[bytes, int] = {}
+    text_to_image = np.asarray([index.setdefault(im.tobytes(), len(index)) for im in rows])
+    images = rows[np.unique(text_to_image, return_index=True)[1]]
     _, params, model_state = nnx.split(model, nnx.Param, ...)
     text_fn = jax.jit(lambda t: self.method.text_features(
         nnx.merge(self.method.graphdef, params, model_state), extras, t))
-    examples = [transform(source[i], np.random.default_rng(0)) for i in range(len(source))]
-    index: dict[bytes, int] = {}
-    text_to_image = np.asarray([index.setdefault(e["image"].tobytes(), len(index))
-                                for e in examples])
-    first = {v: k for k, v in reversed(list(enumerate(text_to_image)))}
-    images = np.stack([examples[first[j]]["image"] for j in range(len(index))])
-    tokens = np.stack([e["tokens"] for e in examples])
     img = np.concatenate([np.asarray(self._features(params, model_state, extras,
                                                     jnp.asarray(images[i:i + self.batch_size])))
                           for i in range(0, len(images), self.batch_size)])

@@ -1,18 +1,23 @@
 """Zero-shot classification: prompt-ensembled class text embeddings vs image embeddings (CLIP).
 
-Data files live in `assets/`: `<name>_templates.txt` (one prompt per line, `{}` marks the class
-name) and `<name>_classnames.txt` (one class name per line, in label order).
+Class-name and template sets: the built-in digits ones (`digits`; `digits_eval`, `digits_train`),
+the data files in `assets/`, `<name>_templates.txt` (one prompt per line, `{}` marks the class
+name) and `<name>_classnames.txt` (one class name per line, in label order), or a text file in
+the same layout given by its path.
 """
 
 from __future__ import annotations
 
 import importlib.resources
+import os
+import pathlib
 from typing import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from sslvl_jax.data import builtin
 from sslvl_jax.errors import ConfigError
 from sslvl_jax.evals.common import l2_normalize, similarity
 
@@ -33,22 +38,42 @@ def zero_shot_scores(image_embeds: jax.Array, class_embeds: jax.Array) -> jax.Ar
   return similarity(l2_normalize(image_embeds), l2_normalize(class_embeds))
 
 
-def _asset_lines(name: str, kind: str) -> list[str]:
-  """Non-empty lines of assets/<name>_<kind>.txt."""
-  assets = importlib.resources.files("sslvl_jax.evals") / "assets"
-  path = assets / f"{name}_{kind}.txt"
+ASSETS = importlib.resources.files("sslvl_jax.evals") / "assets"
+BUILTIN = {"classnames": {"digits": builtin.CLASSNAMES},
+           "templates": {"digits_eval": builtin.EVAL_TEMPLATES,
+                         "digits_train": builtin.TRAIN_TEMPLATES}}
+LAYOUT = {"classnames": ("class-name", "one name per line"),
+          "templates": ("template", "one prompt per line, {} marking the class name")}
+
+
+def known(kind: str) -> list[str]:
+  """Names of the shipped `kind` ('classnames' or 'templates') sets: built-in and assets."""
+  return sorted([*BUILTIN[kind], *(p.name[:-len(f"_{kind}.txt")] for p in ASSETS.iterdir()
+                                   if p.name.endswith(f"_{kind}.txt"))])
+
+
+def _lines(name: str, kind: str) -> list[str]:
+  """The shipped `kind` set `name`, or the non-empty lines of the text file at path `name`."""
+  if name in BUILTIN[kind]:
+    return list(BUILTIN[kind][name])
+  path = ASSETS / f"{name}_{kind}.txt"
   if not path.is_file():
-    known = sorted(p.name[:-len(f"_{kind}.txt")] for p in assets.iterdir()
-                   if p.name.endswith(f"_{kind}.txt"))
-    raise ConfigError(f"unknown {kind} {name!r}; known: {', '.join(known)}")
-  return [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    path = pathlib.Path(os.path.expanduser(name))
+  noun, layout = LAYOUT[kind]
+  if not path.is_file():
+    raise ConfigError(f"no such {noun} set; known: {', '.join(known(kind))} (or a path to a "
+                      f"text file with {layout})")
+  lines = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+  if not lines:
+    raise ConfigError(f"{path} is empty; it needs {layout}")
+  return lines
 
 
 def load_templates(name: str) -> list[str]:
-  """Prompt templates shipped as assets/<name>_templates.txt (e.g. 'imagenet': CLIP's 80)."""
-  return _asset_lines(name, "templates")
+  """Prompt templates: a shipped set (e.g. 'imagenet': CLIP's 80) or a file's lines."""
+  return _lines(name, "templates")
 
 
 def load_classnames(name: str) -> list[str]:
-  """Class names shipped as assets/<name>_classnames.txt, in label order (e.g. 'imagenet')."""
-  return _asset_lines(name, "classnames")
+  """Class names in label order: a shipped set (e.g. 'imagenet') or a file's lines."""
+  return _lines(name, "classnames")
