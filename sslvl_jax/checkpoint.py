@@ -1,17 +1,33 @@
-"""Orbax checkpointing of train state + data-iterator state + metadata, atomic and resumable."""
+"""Orbax checkpointing of train state + data-iterator state + metadata: atomic, finite, resumable."""
 
 from __future__ import annotations
 
+import fnmatch
+import json
 import os
-from typing import Any
+from typing import Any, Callable, Iterable, Mapping
 
 import grain
 import jax
+import jax.numpy as jnp
+import numpy as np
 import orbax.checkpoint as ocp
+from absl import logging
+from jax.experimental import multihost_utils
+
+from sslvl_jax import config_check
+from sslvl_jax.errors import ConfigError, RunError
+
+# Keys that may change on resume: they do not change what a step computes.
+SAFE_TO_CHANGE = ("total_steps", "total_epochs", "total_examples", "schedule.total_steps",
+                  "log_every_steps", "checkpoint_every_steps", "keep_checkpoints", "stop_at_step",
+                  "num_devices", "nonfinite", "max_consecutive_skips", "collapse_rules",
+                  "evals", "evals.*", "data.worker_count", "data.max_skip_fraction")
+UNSET = "<unset>"
 
 
 class Checkpointer:
-  """Saves {state, data_iter, meta} under WORKDIR/checkpoints/<step>/; restores the latest.
+  """Saves {state, data_iter, meta} under WORKDIR/checkpoints/<step>/; restores the newest good one.
 
   Orbax writes each step to a temporary directory and renames it when complete, so a crash or
   kill -9 during a save leaves the previous step as the latest usable checkpoint.
@@ -34,6 +50,10 @@ class Checkpointer:
       args["data_iter"] = grain.checkpoint.CheckpointSave(data_iter)
     self.manager.save(step, args=ocp.args.Composite(**args), force=True)
 
+  def read_meta(self, step: int) -> dict:
+    """The metadata saved with `step` (the resolved config it was trained with)."""
+    return self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+
   def restore(self, step: int, abstract_state: Any, data_iter: Any) -> tuple[Any, dict]:
     """Restore `step` onto the shardings of `abstract_state`; the data iterator is set in place."""
     args = {"state": ocp.args.StandardRestore(abstract_state), "meta": ocp.args.JsonRestore()}
@@ -41,6 +61,53 @@ class Checkpointer:
       args["data_iter"] = grain.checkpoint.CheckpointRestore(data_iter)
     out = self.manager.restore(step, args=ocp.args.Composite(**args))
     return out["state"], out["meta"]
+
+  def restore_latest(self, abstract_state: Any, data_iter: Any,
+                     check_meta: Callable[[int, dict], bool]) -> tuple[Any, dict] | None:
+    """Restore the newest checkpoint that loads; None when there is none.
+
+    A checkpoint that fails to load (missing items, truncated or garbage files, an empty
+    directory, non-finite values) is moved aside to `<step>.corrupt` with one warning and the
+    previous one is tried. `check_meta(step, meta)` raises on a refused config change and returns
+    False when the config changed with permission: a failure to load is then the change's fault,
+    not corruption, and is raised instead of moving the checkpoint aside.
+    """
+    moved = []
+    for step in sorted(self.manager.all_steps(), reverse=True):
+      changed = False
+      try:
+        changed = not check_meta(step, self.read_meta(step))
+        state, meta = self.restore(step, abstract_state, data_iter)
+        bad = nonfinite_leaves(state)
+        reason = f"non-finite values in {bad[0]}" if bad else ""
+      except ConfigError:
+        raise
+      except Exception as e:  # pylint: disable=broad-except  # any failure to load is corruption
+        reason = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]
+      if all_processes(not reason):
+        return state, meta
+      if changed:
+        raise RunError(f"checkpoint {step} in {self.directory} does not load with the changed "
+                       f"config ({reason}); undo the change or start a new workdir")
+      self._move_aside(step, reason)
+      moved.append(f"{step}.corrupt")
+    if moved:
+      raise RunError(f"no checkpoint in {self.directory} loads (moved aside: {', '.join(moved)}); "
+                     "rename one back to retry it, or start a new workdir")
+    return None
+
+  def _move_aside(self, step: int, reason: str) -> None:
+    """Rename checkpoints/<step> to <step>.corrupt (process 0) and rescan."""
+    path = os.path.join(self.directory, str(step))
+    if jax.process_index() == 0:
+      logging.warning("checkpoint %d does not load (%s); moved aside to %s.corrupt", step,
+                      reason, path)
+      print(f"warning: checkpoint {step} does not load ({reason}); moved aside to "
+            f"{path}.corrupt, trying the previous one", flush=True)
+      os.replace(path, path + ".corrupt")
+    if jax.process_count() > 1:
+      multihost_utils.sync_global_devices(f"checkpoint {step} moved aside")
+    self.manager.reload()
 
   def wait(self) -> None:
     """Block until pending saves are committed."""
@@ -52,6 +119,46 @@ class Checkpointer:
     self.manager.close()
 
 
+def all_processes(ok: bool) -> bool:
+  """True when `ok` holds on every process (a collective on multi-host)."""
+  if jax.process_count() == 1:
+    return ok
+  return bool(np.all(multihost_utils.process_allgather(np.int32(ok))))
+
+
 def abstract_like(state: Any) -> Any:
   """ShapeDtypeStructs with the shardings of `state`, the restore target."""
   return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
+
+
+@jax.jit
+def _finite_flags(tree: Any) -> Any:
+  return jax.tree.map(lambda x: jnp.isfinite(x).all() if jnp.issubdtype(x.dtype, jnp.inexact)
+                      else jnp.bool_(True), tree)
+
+
+def nonfinite_leaves(tree: Any) -> list[str]:
+  """Paths of the leaves of `tree` holding NaN or Inf (empty when all are finite)."""
+  flags = jax.device_get(_finite_flags(tree))
+  return [jax.tree_util.keystr(path) for path, ok in jax.tree_util.tree_leaves_with_path(flags)
+          if not ok]
+
+
+def config_changes(saved: Mapping[str, Any], current: Mapping[str, Any]) -> dict[str, tuple]:
+  """Keys whose value differs between two (nested, JSON-like) configs: key -> (saved, current)."""
+  a, b = dict(config_check.flatten(saved)), dict(config_check.flatten(current))
+  return {k: (a.get(k, UNSET), b.get(k, UNSET)) for k in sorted(set(a) | set(b))
+          if a.get(k, UNSET) != b.get(k, UNSET)}
+
+
+def refused_changes(changes: Iterable[str], allowed: Iterable[str]) -> list[str]:
+  """The changed keys neither safe (SAFE_TO_CHANGE) nor allowed (a key or a prefix of it)."""
+  allowed = tuple(allowed)
+  return [k for k in changes
+          if not any(fnmatch.fnmatchcase(k, p) for p in SAFE_TO_CHANGE)
+          and not any(k == a or k.startswith(a + ".") for a in allowed)]
+
+
+def json_config(config: Any) -> dict:
+  """A ConfigDict as plain JSON values (tuples become lists), the form stored with checkpoints."""
+  return json.loads(config.to_json_best_effort())

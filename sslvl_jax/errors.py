@@ -1,4 +1,4 @@
-"""The error raised for a bad configuration: the CLI prints it as one line and exits 2."""
+"""Errors the command lines print as one line (exit status 2) instead of a traceback."""
 
 
 class ConfigError(KeyError, ValueError):
@@ -6,3 +6,7 @@ class ConfigError(KeyError, ValueError):
 
   def __str__(self) -> str:
     return str(self.args[0]) if self.args else ""
+
+
+class RunError(RuntimeError):
+  """The run stopped on purpose (non-finite step, collapse, broken data or checkpoints); says why."""

@@ -10,11 +10,11 @@ Results go to stdout, WORKDIR/metrics.jsonl and WORKDIR/evals/<name>_<step>.json
 from __future__ import annotations
 
 import json
-import sys
 
-from absl import app, flags, logging
+from absl import flags, logging
 from ml_collections import config_flags
 
+from sslvl_jax import cli
 from sslvl_jax.errors import ConfigError
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "recipe config file", lock_config=True)
@@ -25,33 +25,25 @@ _STEP = flags.DEFINE_integer("step", None, "checkpoint step (default latest; 0 =
 def evaluate(config, workdir: str, step: int | None = None) -> dict[str, float]:
   """Evaluate checkpoint `step` of `workdir` (latest if None, random init if 0 or none saved)."""
   from sslvl_jax import metrics, train  # pylint: disable=g-import-not-at-top
-  from sslvl_jax.evals import tasks  # pylint: disable=g-import-not-at-top
   s = train.setup(config, workdir, step=step)
   at = int(s.state.step)
   writer = metrics.Writer(workdir)
   writer.log(f"evaluating {'random initialisation' if at == 0 else f'step {at}'} of {workdir}")
-  evaluators = tasks.build_all(s.config.get("evals", {}), s.method, s.mesh)
-  if not evaluators:
+  if not s.evaluators:
     raise ConfigError("config.evals is empty: nothing to evaluate")
-  out = train.run_evaluators(evaluators, s, s.state, at, s.total_steps, writer, workdir, force=True)
+  out = train.run_evaluators(s.evaluators, s, s.state, at, writer, workdir)
   s.ckpt.close()
   writer.close()
   return out
 
 
 def main(argv: list[str]) -> None:
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  if not _WORKDIR.value:
-    raise app.UsageError("--workdir is required")
+  del argv
+  cli.required(config=_CONFIG.value, workdir=_WORKDIR.value)
   logging.set_verbosity(logging.WARNING)
   res = evaluate(_CONFIG.value, _WORKDIR.value, _STEP.value)
   print(json.dumps({k: round(float(v), 5) for k, v in res.items()}))
 
 
 if __name__ == "__main__":
-  try:
-    app.run(main)
-  except (ConfigError, FileNotFoundError) as e:
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(2)
+  cli.run(main)

@@ -12,11 +12,11 @@ timm state-dict layout for PyTorch users.
 from __future__ import annotations
 
 import os
-import sys
 
-from absl import app, flags, logging
+from absl import flags, logging
 from ml_collections import config_flags
 
+from sslvl_jax import cli
 from sslvl_jax.errors import ConfigError
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "the run's recipe config", lock_config=True)
@@ -85,10 +85,8 @@ def image_preprocessing(config, method) -> dict:
 
 
 def main(argv: list[str]) -> None:
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  if not _WORKDIR.value:
-    raise app.UsageError("--workdir is required")
+  del argv
+  cli.required(config=_CONFIG.value, workdir=_WORKDIR.value)
   logging.set_verbosity(logging.WARNING)
   out = _OUT.value or os.path.join(_WORKDIR.value, "export")
   export(_CONFIG.value, _WORKDIR.value, out, step=_STEP.value, role=_ROLE.value)
@@ -100,8 +98,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-  try:
-    app.run(main)
-  except (ConfigError, FileNotFoundError) as e:
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(2)
+  cli.run(main)

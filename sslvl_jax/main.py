@@ -1,19 +1,28 @@
-"""Command line: python -m sslvl_jax.main --config=configs/<recipe>.py --workdir=DIR [--config.a.b=v]."""
+"""Train a recipe: python -m sslvl_jax.main --config=configs/<recipe>.py[:variant] --workdir=DIR
+
+  [--config.a.b=value ...]  override any config field
+  --allow_config_change=k1,k2  resume although these keys changed since the last checkpoint
+  --verbose  tracebacks instead of one-line errors
+
+A rerun of the same command resumes from the newest checkpoint that loads.
+"""
 
 from __future__ import annotations
 
 import os
-import sys
-from typing import Any
+from typing import Sequence
 
-from absl import app, flags, logging
+from absl import flags, logging
 from ml_collections import config_flags
 
-from sslvl_jax.errors import ConfigError
+from sslvl_jax import cli
+from sslvl_jax.preemption import StopSignal
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "recipe config file (configs/*.py[:arg])",
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "directory for checkpoints, metrics and exports")
+_ALLOW = flags.DEFINE_list("allow_config_change", [],
+                           "config keys (or prefixes) that may differ from the checkpoint's")
 _COORDINATOR = flags.DEFINE_string("coordinator_address", None,
                                    "multi-host: host:port of process 0 (else from the environment)")
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "multi-host: number of processes")
@@ -21,6 +30,7 @@ _PROCESS_ID = flags.DEFINE_integer("process_id", None, "multi-host: this process
 
 _CLUSTER_ENV = ("SLURM_NTASKS", "TPU_WORKER_HOSTNAMES", "MEGASCALE_COORDINATOR_ADDRESS",
                 "OMPI_COMM_WORLD_SIZE")
+_STOP = StopSignal()  # first: a SIGTERM while jax imports and the run is built is not lost
 
 
 def maybe_initialize_distributed() -> None:
@@ -33,40 +43,27 @@ def maybe_initialize_distributed() -> None:
     jax.distributed.initialize()
 
 
-def main(argv: list[str]) -> None:
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  if not _WORKDIR.value:
-    raise app.UsageError("--workdir is required")
+def main(argv: Sequence[str]) -> None:
+  del argv
+  cli.required(config=_CONFIG.value, workdir=_WORKDIR.value)
   logging.set_verbosity(logging.WARNING)  # library INFO chatter (orbax) off; progress is printed
+  from sslvl_jax import config_check, workdir  # pylint: disable=g-import-not-at-top
+  config_check.validate(_CONFIG.value)
+  workdir.prepare(_WORKDIR.value)
   maybe_initialize_distributed()
-  from sslvl_jax import config_check, train  # pylint: disable=g-import-not-at-top
-  config = _CONFIG.value
-  config_check.validate(config)
-  os.makedirs(_WORKDIR.value, exist_ok=True)
-  train.run(config, _WORKDIR.value)
-
-
-def fail(message: Any) -> None:
-  """Print one clear line and exit with status 2."""
-  logging.flush()
-  print(f"error: {message}", file=sys.stderr)
-  sys.exit(2)
+  import jax  # pylint: disable=g-import-not-at-top
+  from sslvl_jax import train  # pylint: disable=g-import-not-at-top
+  lock = workdir.Lock(_WORKDIR.value) if jax.process_index() == 0 else None
+  try:
+    train.run(_CONFIG.value, _WORKDIR.value, allow_change=tuple(_ALLOW.value), stop=_STOP)
+  finally:
+    if lock:
+      lock.release()
 
 
 def run() -> None:
-  """Entry point: turns configuration mistakes into one clear line and exit status 2."""
-  try:  # parse first: a bad --config.* override or config file is a usage error, not a crash
-    argv = flags.FLAGS(sys.argv)
-  except flags.Error as e:
-    fail(e)
-  except (AttributeError, KeyError, TypeError, ValueError) as e:
-    arg = e.args[0] if e.args else e
-    fail(f"bad --config override or config file: {arg}")
-  try:
-    app.run(main, flags_parser=lambda _: argv)
-  except (ConfigError, FileNotFoundError) as e:
-    fail(e)
+  """Entry point."""
+  cli.run(main)
 
 
 if __name__ == "__main__":

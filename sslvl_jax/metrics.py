@@ -11,16 +11,23 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from sslvl_jax.errors import RunError
+
 
 class Writer:
   """Writes scalar metrics to stdout, WORKDIR/metrics.jsonl and WORKDIR/tensorboard (process 0 only)."""
 
-  def __init__(self, workdir: str, enabled: bool | None = None):
+  def __init__(self, workdir: str, enabled: bool | None = None, keep_until: int | None = None):
+    """Appends to WORKDIR/metrics.jsonl; with `keep_until`, rows of later steps are dropped first
+    (a resumed run redoes them, so each step appears once)."""
     self.enabled = jax.process_index() == 0 if enabled is None else enabled
     self._tb = None
     if self.enabled:
       os.makedirs(workdir, exist_ok=True)
-      self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a", encoding="utf-8")
+      path = os.path.join(workdir, "metrics.jsonl")
+      if keep_until is not None and os.path.exists(path):
+        truncate_rows(path, keep_until)
+      self._jsonl = open(path, "a", encoding="utf-8")
       from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
       self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
 
@@ -45,10 +52,29 @@ class Writer:
       print(line, flush=True)
 
   def close(self) -> None:
-    """Flush and close the files."""
-    if self.enabled:
+    """Flush and close the files (idempotent)."""
+    if self.enabled and not self._jsonl.closed:
       self._jsonl.close()
       self._tb.close()
+
+
+def truncate_rows(path: str, last_step: int) -> None:
+  """Atomically rewrite a metrics.jsonl keeping the rows up to `last_step` (a torn last line goes)."""
+  with open(path, encoding="utf-8") as f:
+    lines = f.readlines()
+  kept = []
+  for line in lines:
+    try:
+      if json.loads(line)["step"] <= last_step:
+        kept.append(line if line.endswith("\n") else line + "\n")
+    except (ValueError, KeyError, TypeError):
+      continue  # a line cut by a kill
+  if len(kept) == len(lines) and all(line.endswith("\n") for line in lines):
+    return
+  tmp = f"{path}.tmp"
+  with open(tmp, "w", encoding="utf-8") as f:
+    f.writelines(kept)
+  os.replace(tmp, path)
 
 
 class Throughput:
@@ -104,6 +130,6 @@ def check_collapse(values: Mapping[str, Any], rules: Any, step: int) -> None:
   """Raise when a collapse monitor trips a `(metric, '<' | '>', threshold)` rule."""
   for name, op, threshold in rules:
     if name in values and _COMPARE[op](float(np.asarray(values[name])), threshold):
-      raise RuntimeError(
+      raise RunError(
           f"collapse detected at step {step}: {name} = {float(np.asarray(values[name])):.3g} "
           f"{op} {threshold} (rule in config.collapse_rules); the representation has collapsed")

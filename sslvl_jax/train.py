@@ -4,11 +4,9 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import json
-import math
 import os
-import signal
-import time
 from typing import Any
 
 import jax
@@ -19,32 +17,11 @@ from jax.experimental import multihost_utils
 from ml_collections import ConfigDict
 
 from sslvl_jax import checkpoint, data, methods, metrics, optim, parallel
+from sslvl_jax.errors import ConfigError, RunError
 from sslvl_jax.durations import to_steps
 from sslvl_jax.evals import tasks as eval_tasks
 from sslvl_jax.methods.base import Method, TrainState
-
-
-class StopSignal:
-  """Turns SIGTERM (preemption) into a flag the loop polls; all processes agree before stopping."""
-
-  def __init__(self):
-    self.received = False
-    self._previous = signal.signal(signal.SIGTERM, self._handler)
-
-  def _handler(self, signum, frame):
-    del signum, frame
-    self.received = True
-
-  def should_stop(self) -> bool:
-    """True on every process once any process got SIGTERM (a collective on multi-host)."""
-    if jax.process_count() == 1:
-      return self.received
-    flags = multihost_utils.process_allgather(np.int32(self.received))
-    return bool(np.any(flags))
-
-  def restore(self) -> None:
-    """Reinstall the previous handler."""
-    signal.signal(signal.SIGTERM, self._previous)
+from sslvl_jax.preemption import StopSignal
 
 
 def process_sum(values: list[int]) -> list[int]:
@@ -57,7 +34,7 @@ def process_sum(values: list[int]) -> list[int]:
 def check_skips(skipped: int, seen: int, max_fraction: float) -> None:
   """Stop with a clear error when too many records were unreadable."""
   if seen >= 1000 and skipped > max_fraction * seen:
-    raise RuntimeError(
+    raise RunError(
         f"{skipped} of {seen} records were unreadable (> data.max_skip_fraction={max_fraction}); "
         "see the 'skipping unreadable record' log lines for the keys")
 
@@ -70,15 +47,35 @@ def init_state(method: Method, tx_builder, rng: jax.Array, mesh) -> tuple[TrainS
   def make(params, model_state):
     extras = method.init_extras(params, model_state, jax.random.fold_in(rng, 1))
     return TrainState(step=jnp.int32(0), params=params, opt_state=tx.init(params),
-                      model_state=model_state, extras=extras)
+                      model_state=model_state, extras=extras, guard=new_guard())
 
   rep = parallel.replicated(mesh)
   state = jax.jit(make, out_shardings=rep)(params, model_state)
   return state, (tx, schedule)
 
 
-def make_train_step(method: Method, tx: optax.GradientTransformation, schedule, mesh):
-  """The jitted, state-donating train step."""
+def new_guard() -> dict[str, jax.Array]:
+  """Counters of non-finite steps: total skipped, current and longest run, first bad step (-1)."""
+  zero = jnp.int32(0)
+  return {"skipped": zero, "run": zero, "longest_run": zero, "first_bad": jnp.int32(-1)}
+
+
+def update_guard(guard: dict, ok: jax.Array, step: jax.Array) -> dict[str, jax.Array]:
+  """The guard after a step that was finite (`ok`) or not."""
+  run = jnp.where(ok, 0, guard["run"] + 1)
+  return {"skipped": guard["skipped"] + (~ok).astype(jnp.int32), "run": run,
+          "longest_run": jnp.maximum(guard["longest_run"], run),
+          "first_bad": jnp.where(~ok & (guard["first_bad"] < 0), step, guard["first_bad"])}
+
+
+def make_train_step(method: Method, tx: optax.GradientTransformation, schedule, mesh,
+                    skip_nonfinite: bool = False):
+  """The jitted, state-donating train step.
+
+  Every step checks on device that the loss, gradient norm and new parameter norm are finite and
+  counts the steps that are not in `state.guard`; with `skip_nonfinite` such a step's update is
+  not applied (parameters, optimiser, model and method state stay as they were).
+  """
   def step_fn(state: TrainState, batch: dict, rng: jax.Array) -> tuple[TrainState, dict]:
     rng = jax.random.fold_in(rng, state.step)
     grad_fn = jax.value_and_grad(method.forward_loss, has_aux=True)
@@ -86,14 +83,17 @@ def make_train_step(method: Method, tx: optax.GradientTransformation, schedule, 
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     params, extras = method.after_update(params, extras, state.step)
+    grad_norm, param_norm = optax.global_norm(grads), optax.global_norm(params)
+    ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & jnp.isfinite(param_norm)
+    guard = update_guard(state.guard, ok, state.step + 1)
     out = {f"train/{k}": v for k, v in m.items()}
-    out.update({"train/loss": loss, "train/lr": schedule(state.step),
-                "train/grad_norm": optax.global_norm(grads),
-                "train/param_norm": optax.global_norm(params)})
-
-    new = TrainState(step=state.step + 1, params=params, opt_state=opt_state,
-                     model_state=model_state, extras=extras)
-    return new, out
+    out.update({"train/loss": loss, "train/lr": schedule(state.step), "train/grad_norm": grad_norm,
+                "train/param_norm": param_norm, "train/skipped_steps": guard["skipped"]})
+    new = (params, opt_state, model_state, extras)
+    if skip_nonfinite:
+      old = (state.params, state.opt_state, state.model_state, state.extras)
+      new = jax.lax.cond(ok, lambda: new, lambda: old)
+    return TrainState(state.step + 1, *new, guard=guard), out
 
   rep, dat = parallel.replicated(mesh), parallel.data_sharding(mesh)
   return jax.jit(step_fn, in_shardings=(rep, dat, rep), out_shardings=(rep, rep), donate_argnums=0)
@@ -112,14 +112,21 @@ class Setup:
   schedule: Any
   ckpt: checkpoint.Checkpointer
   total_steps: int
+  evaluators: dict[str, eval_tasks.Evaluator]
 
 
-def setup(config: ConfigDict, workdir: str, *, step: int | None = None) -> Setup:
-  """Build mesh, data, method and state; restore checkpoint `step` (default: the latest)."""
+def setup(config: ConfigDict, workdir: str, *, step: int | None = None,
+          allow_change: tuple[str, ...] = ()) -> Setup:
+  """Build mesh, data, method, evaluators and state; restore checkpoint `step` (default: the
+  newest that loads, see Checkpointer.restore_latest; a config change outside `allow_change`
+  and the safe keys is refused)."""
   config = copy.deepcopy(config)
   mesh = parallel.make_mesh(config.get("num_devices"))
   parallel.check_batch_divides(config.global_batch_size, mesh)
   train_source = data.source(config.data, "train")
+  if len(train_source) < config.global_batch_size:
+    raise ConfigError(f"global_batch_size={config.global_batch_size} is larger than the "
+                      f"{len(train_source)} training examples; lower it or add data")
   steps_per_epoch = len(train_source) / config.global_batch_size
   total_steps = to_steps(config, "total", steps_per_epoch, config.global_batch_size)
   with config.unlocked():
@@ -130,6 +137,7 @@ def setup(config: ConfigDict, workdir: str, *, step: int | None = None) -> Setup
         del config.optim[f"warmup_{unit}"]
     config.schedule = {"total_steps": total_steps, "steps_per_epoch": steps_per_epoch}
   method = methods.get(config.method)(config, mesh)
+  evaluators = eval_tasks.build_all(config.get("evals", {}), method, mesh)  # checks their data
   local_bs = config.global_batch_size // jax.process_count()
   dataset = data.make_dataset(
       train_source, data.example_transform(config.data, method.example, train=True),
@@ -141,59 +149,121 @@ def setup(config: ConfigDict, workdir: str, *, step: int | None = None) -> Setup
                                      steps_per_epoch=steps_per_epoch)
   state, (tx, schedule) = init_state(method, tx_builder, jax.random.key(config.seed), mesh)
   ckpt = checkpoint.Checkpointer(workdir, max_to_keep=config.get("keep_checkpoints", 3))
-  step = ckpt.latest_step() if step is None else step
-  if step:
-    state, _ = ckpt.restore(step, checkpoint.abstract_like(state), batches.grain_iter)
-  return Setup(config, mesh, method, batches, state, tx, schedule, ckpt, total_steps)
+  target = checkpoint.abstract_like(state)
+  if step is None:
+    check = functools.partial(check_config_change, checkpoint.json_config(config), allow_change)
+    restored = ckpt.restore_latest(target, batches.grain_iter, check)
+    state = restored[0] if restored else state
+  elif step:
+    state, _ = ckpt.restore(step, target, batches.grain_iter)
+  return Setup(config, mesh, method, batches, state, tx, schedule, ckpt, total_steps, evaluators)
 
 
-def run_evaluators(evaluators: dict, s: Setup, state: TrainState, step: int, total_steps: int,
-                   writer: metrics.Writer, workdir: str, force: bool = False) -> dict[str, float]:
-  """Run the evaluators due at `step` (all with `force`); write and return their results."""
+def check_config_change(current: dict, allowed: tuple[str, ...], step: int, meta: dict) -> bool:
+  """Refuse (ConfigError) a change of the config checkpoint `step` was trained with, unless each
+  changed key is safe or in `allowed`; False when an allowed change may change the math."""
+  saved = meta.get("config")
+  if not isinstance(saved, dict):  # written before configs were stored with checkpoints
+    return True
+  changes = checkpoint.config_changes(saved, current)
+  refused = checkpoint.refused_changes(changes, allowed)
+  if refused:
+    listed = "; ".join(f"{k}: {changes[k][0]!r} -> {changes[k][1]!r}" for k in refused[:6])
+    more = f" (and {len(refused) - 6} more)" if len(refused) > 6 else ""
+    raise ConfigError(f"the config differs from the one checkpoint {step} was trained with: "
+                      f"{listed}{more}; rerun with the old values, or pass "
+                      f"--allow_config_change={','.join(refused)} to continue with the new ones")
+  return not checkpoint.refused_changes(changes, ())
+
+
+def run_evaluators(evaluators: dict, s: Setup, state: TrainState, step: int,
+                   writer: metrics.Writer, workdir: str) -> dict[str, float]:
+  """Run `evaluators` on `state`; write and return their results."""
   out = {}
   for name, ev in evaluators.items():
-    if force or ev.due(step, total_steps):
-      res = ev.run(s.method.merge(state.params, state.model_state), state.extras)
-      res = {f"{name}/{k}": v for k, v in res.items()}
-      writer.write(step, res)
-      writer.log(f"eval step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in res.items()))
-      eval_tasks.save_result(workdir, name, step, res, ev.settings())
-      out.update(res)
+    res = ev.run(s.method.merge(state.params, state.model_state), state.extras)
+    res = {f"{name}/{k}": v for k, v in res.items()}
+    writer.write(step, res)
+    writer.log(f"eval step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in res.items()))
+    eval_tasks.save_result(workdir, name, step, res, ev.settings())
+    out.update(res)
   return out
 
 
-def run(config: ConfigDict, workdir: str) -> dict[str, float]:
+def write_config(workdir: str, config: ConfigDict, step: int) -> None:
+  """WORKDIR/config.json on the first run; a resume with a different config adds config.<step>.json."""
+  if jax.process_index() != 0:
+    return
+  text = config.to_json_best_effort(indent=2)
+  path = os.path.join(workdir, "config.json")
+  if os.path.exists(path):
+    with open(path, encoding="utf-8") as f:
+      if f.read() == text:
+        return
+    path = os.path.join(workdir, f"config.{step}.json")
+  with open(path, "w", encoding="utf-8") as f:
+    f.write(text)
+
+
+def check_guard(guard: dict, policy: str, max_run: int, ckpt: checkpoint.Checkpointer) -> None:
+  """Stop (RunError) after a non-finite step (policy 'stop') or too long a run of them ('skip')."""
+  first = int(guard["first_bad"])
+  last_good = ckpt.latest_step()
+  where = (f"the last good checkpoint is step {last_good} in {ckpt.directory}" if last_good
+           else "no checkpoint was saved yet")
+  if policy == "stop" and first >= 0:
+    raise RunError(f"non-finite loss or gradient at step {first}; nothing after it was saved, "
+                   f"{where}; lower optim.lr, or set --config.nonfinite=skip to skip such steps")
+  if policy == "skip" and int(guard["longest_run"]) >= max_run:
+    raise RunError(f"{int(guard['longest_run'])} consecutive non-finite steps (first non-finite "
+                   f"step {first}, max_consecutive_skips={max_run}); {where}; lower optim.lr")
+
+
+def save(ckpt: checkpoint.Checkpointer, step: int, state: TrainState, batches: data.GlobalBatches,
+         config: ConfigDict) -> None:
+  """Checkpoint `step` with the resolved config, refusing (RunError) a state with NaN/Inf."""
+  bad = checkpoint.nonfinite_leaves(state)
+  if bad:
+    raise RunError(f"non-finite values in {bad[0]} at step {step}: not saved; the last good "
+                   f"checkpoint is step {ckpt.latest_step()} in {ckpt.directory}")
+  ckpt.save(step, state, batches.grain_iter, {"step": step, "config": checkpoint.json_config(config)})
+
+
+def run(config: ConfigDict, workdir: str, *, allow_change: tuple[str, ...] = (),
+        stop: StopSignal | None = None) -> dict[str, float]:
   """Train `config` in `workdir` (resuming if it holds a checkpoint); returns the final metrics."""
-  s = setup(config, workdir)  # configuration errors surface here, before anything is written
-  writer = metrics.Writer(workdir)
-  if jax.process_index() == 0:
-    with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
-      f.write(config.to_json_best_effort(indent=2))
+  stop = stop or StopSignal()
+  s = setup(config, workdir, allow_change=allow_change)  # bad config/data/evals fail here
   config, mesh, method, batches, state = s.config, s.mesh, s.method, s.batches, s.state
   tx, schedule, ckpt, total_steps = s.tx, s.schedule, s.ckpt, s.total_steps
-  rng = jax.random.key(config.seed)
   start = int(state.step)
+  writer = metrics.Writer(workdir, keep_until=start)  # rows after the checkpoint are redone
+  write_config(workdir, config, start)
   if start:
     writer.log(f"resumed from step {start} in {ckpt.directory}")
-  train_step = make_train_step(method, tx, schedule, mesh)
-  evaluators = eval_tasks.build_all(config.get("evals", {}), method, mesh)
+  rng = jax.random.key(config.seed)
+  policy, max_run = config.get("nonfinite", "stop"), config.get("max_consecutive_skips", 10)
+  train_step = make_train_step(method, tx, schedule, mesh, skip_nonfinite=policy == "skip")
   throughput = metrics.Throughput(config.global_batch_size, total_steps)
-  stop = StopSignal()
   log_every, ckpt_every = config.get("log_every_steps", 10), config.get("checkpoint_every_steps", 1000)
+  stop_at, max_skip = config.get("stop_at_step"), config.data.get("max_skip_fraction", 0.05)
   step, last = start, {}
-  max_skip = config.data.get("max_skip_fraction", 0.05)
   throughput.update(step)
   try:
-    while step < total_steps:
+    early = stop.should_stop()
+    if early:
+      writer.log(f"SIGTERM before the first step: nothing to save (resume from step {start})")
+    while not early and step < total_steps:
       state, m = train_step(state, next(batches), rng)
       step += 1
-      if step % log_every == 0 or step == total_steps:
+      preempted = stop.should_stop() or (stop_at is not None and step >= stop_at)
+      log_now = step % log_every == 0 or step == total_steps
+      save_now = step % ckpt_every == 0 or step == total_steps or preempted
+      evals_now = [n for n, ev in s.evaluators.items() if ev.due(step, total_steps)]
+      if log_now or save_now or evals_now:
+        check_guard(jax.device_get(state.guard), policy, max_run, ckpt)
+      if log_now:
         m = jax.device_get(m)
-        if not np.isfinite(m["train/loss"]) or not np.isfinite(m["train/grad_norm"]):
-          bad = "loss" if not np.isfinite(m["train/loss"]) else "gradient norm"
-          raise FloatingPointError(
-              f"non-finite {bad} at step {step}; the last good checkpoint is step "
-              f"{ckpt.latest_step()} in {ckpt.directory} (not overwritten)")
         skipped, seen = process_sum([batches.skipped, batches.seen])
         check_skips(skipped, seen, max_skip)
         m["data/skipped"] = skipped
@@ -202,19 +272,18 @@ def run(config: ConfigDict, workdir: str) -> dict[str, float]:
         writer.write(step, m)
         writer.log(metrics.format_line(step, total_steps, m))
         last.update(m)
-      last.update(run_evaluators(evaluators, s, state, step, total_steps, writer, workdir))
-      stop_at = config.get("stop_at_step")
-      preempted = stop.should_stop() or (stop_at is not None and step >= stop_at)
-      if step % ckpt_every == 0 or step == total_steps or preempted:
-        ckpt.save(step, state, batches.grain_iter, {"step": step, "config": config.method})
+      if save_now:  # before the evaluations: a failing evaluation loses no training
+        save(ckpt, step, state, batches, config)
       if preempted:
-        why = "SIGTERM" if stop.received else f"stop_at_step={config.get('stop_at_step')}"
+        why = "SIGTERM" if stop.received else f"stop_at_step={stop_at}"
         writer.log(f"{why}: saved step {step}, exiting; rerun the same command to resume")
         break
+      evaluators = {n: s.evaluators[n] for n in evals_now}
+      last.update(run_evaluators(evaluators, s, state, step, writer, workdir))
   finally:
     ckpt.close()
     stop.restore()
+    writer.close()
   final = {k: float(v) for k, v in last.items() if np.ndim(v) == 0}
   writer.log("final: " + json.dumps({k: round(v, 5) for k, v in final.items()}))
-  writer.close()
   return final

@@ -17,16 +17,15 @@ import json
 import logging
 import multiprocessing
 import os
-import sys
 from typing import Any, Sequence
 
 import numpy as np
-from absl import app, flags
+from absl import flags
 from ml_collections import ConfigDict
 
+from sslvl_jax import cli
 from sslvl_jax import data
 from sslvl_jax.data import host_ops, sources
-from sslvl_jax.errors import ConfigError
 
 CONVERTIBLE = ("csv", "webdataset", "image_folder")
 SKIP_REASONS = ((FileNotFoundError, "missing_file"), (host_ops.BadImageError, "bad_image"),
@@ -142,8 +141,4 @@ def main(argv: Sequence[str]) -> None:
 
 if __name__ == "__main__":
   define_flags()
-  try:
-    app.run(main)
-  except ConfigError as e:
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(2)
+  cli.run(main)

@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import csv
 
-from absl import app, flags
+from absl import flags
 
+from sslvl_jax import cli
+from sslvl_jax.errors import ConfigError
 from sslvl_jax.data import builtin
 from sslvl_jax.data.tokenizer import train_sentencepiece
 
@@ -40,16 +42,16 @@ def read_captions(spec: str) -> list[str]:
 def main(argv: list[str]) -> None:
   del argv
   if not _OUT.value:
-    raise app.UsageError("--out is required")
+    raise ConfigError("--out is required (see --help)")
   if _BUILTIN.value:
     texts, vocab = [t.lower() for t in builtin.tokenizer_corpus()], BUILTIN_VOCAB
   else:
     texts = [t.lower() for spec in _CAPTIONS.value for t in read_captions(spec)]
     vocab = _VOCAB.value
   if not texts:
-    raise app.UsageError("no captions: pass --captions=FILE or --builtin=digits")
+    raise ConfigError("no captions: pass --captions=FILE or --builtin=digits")
   print(train_sentencepiece(texts, _OUT.value, vocab, _TYPE.value))
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

@@ -22,7 +22,7 @@ class TrainState:
 
   params: trainable nnx.Param state of the student; model_state: the rest of the model's variables
   (BatchNorm statistics, fixed buffers); extras: method state (teacher EMA state, DINO center,
-  MoCo queue, ...).
+  MoCo queue, ...); guard: counters of non-finite steps (train.new_guard).
   """
 
   step: jax.Array
@@ -30,6 +30,7 @@ class TrainState:
   opt_state: Any
   model_state: Any
   extras: Any
+  guard: Any = None
 
 
 @dataclasses.dataclass
