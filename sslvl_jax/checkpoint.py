@@ -5,6 +5,7 @@ from __future__ import annotations
 import fnmatch
 import json
 import os
+import shutil
 from typing import Any, Callable, Iterable, Mapping
 
 import grain
@@ -43,12 +44,36 @@ class Checkpointer:
     """Step of the newest complete checkpoint, or None."""
     return self.manager.latest_step()
 
+  def last_good(self) -> str:
+    """'the last good checkpoint is step N in DIR' (all saved ones are finite), for messages."""
+    step = self.latest_step()
+    return (f"the last good checkpoint is step {step} in {self.directory}" if step is not None
+            else f"no checkpoint was saved yet in {self.directory}")
+
   def save(self, step: int, state: Any, data_iter: Any, meta: dict) -> None:
-    """Save asynchronously (call `wait` before exiting)."""
+    """Save asynchronously (call `wait` before exiting); RunError if it cannot fit on disk."""
+    self.check_space(step, sum(x.nbytes for x in jax.tree.leaves(state)))
     args = {"state": ocp.args.StandardSave(state), "meta": ocp.args.JsonSave(meta)}
     if data_iter is not None:
       args["data_iter"] = grain.checkpoint.CheckpointSave(data_iter)
     self.manager.save(step, args=ocp.args.Composite(**args), force=True)
+
+  def check_space(self, step: int, nbytes: int) -> None:
+    """RunError, before anything is written, when a checkpoint of `nbytes` would fill the disk.
+
+    Orbax keeps the old checkpoints until the new one is committed, so the new one needs room
+    beside them; a full disk mid-save would leave only a temporary directory (and pages of
+    errors from its writer threads).
+    """
+    if "://" in self.directory:  # object stores do not fill up
+      return
+    self.manager.wait_until_finished()  # the previous save's bytes are on disk now
+    free = shutil.disk_usage(self.directory).free
+    need = nbytes + (1 << 20)  # arrays are stored uncompressed, plus metadata
+    if free < need:
+      raise RunError(f"no space for checkpoint {step} in {self.directory} (needs ~{need >> 20} "
+                     f"MiB, {free >> 20} MiB free): not saved; {self.last_good()}; free some "
+                     "space and rerun the same command")
 
   def read_meta(self, step: int) -> dict:
     """The metadata saved with `step` (the resolved config it was trained with)."""

@@ -87,7 +87,8 @@ def make_train_step(method: Method, tx: optax.GradientTransformation, schedule, 
     ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & jnp.isfinite(param_norm)
     guard = update_guard(state.guard, ok, state.step + 1)
     out = {f"train/{k}": v for k, v in m.items()}
-    out.update({"train/loss": loss, "train/lr": schedule(state.step), "train/grad_norm": grad_norm,
+    lr = schedule(state.step - state.guard["skipped"])  # the optimiser counts applied steps
+    out.update({"train/loss": loss, "train/lr": lr, "train/grad_norm": grad_norm,
                 "train/param_norm": param_norm, "train/skipped_steps": guard["skipped"]})
     new = (params, opt_state, model_state, extras)
     if skip_nonfinite:
@@ -207,10 +208,7 @@ def write_config(workdir: str, config: ConfigDict, step: int) -> None:
 
 def check_guard(guard: dict, policy: str, max_run: int, ckpt: checkpoint.Checkpointer) -> None:
   """Stop (RunError) after a non-finite step (policy 'stop') or too long a run of them ('skip')."""
-  first = int(guard["first_bad"])
-  last_good = ckpt.latest_step()
-  where = (f"the last good checkpoint is step {last_good} in {ckpt.directory}" if last_good
-           else "no checkpoint was saved yet")
+  first, where = int(guard["first_bad"]), ckpt.last_good()
   if policy == "stop" and first >= 0:
     raise RunError(f"non-finite loss or gradient at step {first}; nothing after it was saved, "
                    f"{where}; lower optim.lr, or set --config.nonfinite=skip to skip such steps")
@@ -224,8 +222,7 @@ def save(ckpt: checkpoint.Checkpointer, step: int, state: TrainState, batches: d
   """Checkpoint `step` with the resolved config, refusing (RunError) a state with NaN/Inf."""
   bad = checkpoint.nonfinite_leaves(state)
   if bad:
-    raise RunError(f"non-finite values in {bad[0]} at step {step}: not saved; the last good "
-                   f"checkpoint is step {ckpt.latest_step()} in {ckpt.directory}")
+    raise RunError(f"non-finite values in {bad[0]} at step {step}: not saved; {ckpt.last_good()}")
   ckpt.save(step, state, batches.grain_iter, {"step": step, "config": checkpoint.json_config(config)})
 
 

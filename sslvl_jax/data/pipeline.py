@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import logging
 from typing import Any, Callable, Iterator
 
@@ -67,6 +68,19 @@ class GlobalBatches:
     return parallel.host_to_global(self.mesh, {k: v for k, v in local.items() if k not in drop})
 
 
+MAX_LOGGED = 20  # unreadable records logged by name per process; the rest are only counted
+_logged = itertools.count()  # next() on a count is atomic: safe from grain's reader threads
+
+
+def log_unreadable(key: str, error: Exception) -> None:
+  """Warn about an unreadable record, the first MAX_LOGGED of them by name."""
+  n = next(_logged)
+  if n < MAX_LOGGED:
+    logging.warning("skipping unreadable record %s: %s: %s", key, type(error).__name__, error)
+  elif n == MAX_LOGGED:
+    logging.warning("more unreadable records: counted in data/skipped, no longer logged")
+
+
 @dataclasses.dataclass(frozen=True)
 class ReadExample:
   """Reads record `index` and applies the host transform; a bad record is skipped, not fatal.
@@ -92,7 +106,7 @@ class ReadExample:
         example = self.transform(self.source[i], rng)
       except Exception as e:  # pylint: disable=broad-except  # any unreadable record is skipped
         key = self.source.key(i) if hasattr(self.source, "key") else f"index {i}"
-        logging.warning("skipping unreadable record %s: %s: %s", key, type(e).__name__, e)
+        log_unreadable(key, e)
         errors.append(f"{key}: {type(e).__name__}: {e}")
         continue
       example["skipped"] = np.int32(attempt)
@@ -100,7 +114,7 @@ class ReadExample:
     if self.drop:
       return None
     raise RunError(f"{self.max_retries} consecutive unreadable records starting at index "
-                       f"{index}; the data looks broken. Errors: {errors[:3]}")
+                   f"{index}; the data looks broken. Errors: {errors[:3]}")
 
 
 @dataclasses.dataclass(frozen=True)
