@@ -70,7 +70,7 @@ class Checkpointer:
     self.manager.wait_until_finished()  # the previous save's bytes are on disk now
     free = shutil.disk_usage(self.directory).free
     need = nbytes + (1 << 20)  # arrays are stored uncompressed, plus metadata
-    if free < need:
+    if not all_processes(free >= need):  # every process stops, or none
       raise RunError(f"no space for checkpoint {step} in {self.directory} (needs ~{need >> 20} "
                      f"MiB, {free >> 20} MiB free): not saved; {self.last_good()}; free some "
                      "space and rerun the same command")

@@ -312,6 +312,20 @@ def test_full_disk_is_one_line_and_keeps_the_last_checkpoint(small_disk):
   assert len(final_params(work, 2)) > 0  # it loads
 
 
+def test_read_only_workdir_is_one_line(tmp_path):
+  src, ro = tmp_path / "src", tmp_path / "ro"
+  src.mkdir()
+  ro.mkdir()
+  if os.geteuid() != 0 or subprocess.run(["mount", "--bind", "-o", "ro", str(src), str(ro)],
+                                         capture_output=True).returncode:
+    pytest.skip("a read-only mount needs root (and root may write to any mode-0555 folder)")
+  try:
+    rc, _, err = cli(SMOKE, f"--workdir={ro}")
+  finally:
+    subprocess.run(["umount", "-l", str(ro)], check=False)
+  assert rc == 2 and f"--workdir={ro} is not writable" in one_error_line(err)
+
+
 # ---- bad input: one line, exit 2, before step 1 --------------------------------------------
 
 BAD_INPUT = [  # (arguments after the config, what the one line says); the whole rule table is
