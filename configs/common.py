@@ -26,7 +26,8 @@ def loop_fields(c: ConfigDict) -> ConfigDict:
       keep_checkpoints=3,
       num_devices=config_dict.placeholder(int),  # None: all devices
       nonfinite="stop",  # 'stop' | 'skip': what a step with a non-finite loss or gradient does
-      max_consecutive_skips=10)
+      max_consecutive_skips=10,
+      preemption_check_every_steps=10)  # multi-host: steps between agreeing on a SIGTERM
   for key, value in defaults.items():
     if key not in c:
       c[key] = value

@@ -55,7 +55,8 @@ class Rule:
 
 RULES = (
     Rule(r"global_batch_size|total_steps|log_every_steps|checkpoint_every_steps|keep_checkpoints"
-         r"|max_consecutive_skips|stop_at_step|num_devices", positive_int, "a positive integer"),
+         r"|max_consecutive_skips|stop_at_step|num_devices|preemption_check_every_steps",
+         positive_int, "a positive integer"),
     Rule(r"total_(epochs|examples)", positive_number, "a positive number"),
     Rule(r"optim\.lr(_per_256|_sqrt)?", non_negative_number, "a finite number >= 0"),
     Rule(r"data\.max_skip_fraction", fraction, "a fraction in [0, 1]"),

@@ -3,17 +3,17 @@
   [--config.a.b=value ...]  override any config field
   --allow_config_change=k1,k2  resume although these keys changed since the last checkpoint
   --verbose  tracebacks instead of one-line errors
+  --dry_run  print the cluster, devices, mesh and batch split this run would use, then exit
 
 A rerun of the same command resumes from the newest checkpoint that loads.
 """
 
 from __future__ import annotations
 
-import os
 from typing import Sequence
 
 from absl import flags, logging
-from ml_collections import config_flags
+from ml_collections import ConfigDict, config_flags
 
 from sslvl_jax import cli
 from sslvl_jax.preemption import StopSignal
@@ -27,20 +27,54 @@ _COORDINATOR = flags.DEFINE_string("coordinator_address", None,
                                    "multi-host: host:port of process 0 (else from the environment)")
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "multi-host: number of processes")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "multi-host: this process's index")
+_LOCAL_DEVICE_IDS = flags.DEFINE_list(
+    "local_device_ids", None, "multi-host GPU: ids of the visible GPUs this process uses "
+    "(default JAX's; under SLURM that is [SLURM_LOCALID]); launch/slurm_gpu.sbatch passes 0")
+_DRY_RUN = flags.DEFINE_bool("dry_run", False, "print the cluster, devices, mesh and batch split, "
+                             "then exit without building the run or touching the workdir")
 
-_CLUSTER_ENV = ("SLURM_NTASKS", "TPU_WORKER_HOSTNAMES", "MEGASCALE_COORDINATOR_ADDRESS",
-                "OMPI_COMM_WORLD_SIZE")
 _STOP = StopSignal()  # first: a SIGTERM while jax imports and the run is built is not lost
 
 
-def maybe_initialize_distributed() -> None:
-  """jax.distributed.initialize() when flags or the environment (SLURM, TPU pod) ask for it."""
+def cluster_process_count() -> int:
+  """Processes of the cluster JAX's own auto-detection finds (SLURM, TPU pod, ...); 1 if none."""
+  from jax._src import clusters  # pylint: disable=g-import-not-at-top
+  # The environments and the order jax.distributed.initialize() itself tries (private API: there
+  # is no public one; opt-in methods such as mpi4py are only used when asked for by name).
+  env = next((e for e in clusters.ClusterEnv._cluster_types  # pylint: disable=protected-access
+              if not e.opt_in_only_method and e.is_env_present()), None)
+  return env.get_process_count() if env else 1
+
+
+def maybe_initialize_distributed(coordinator_address: str | None, num_processes: int | None,
+                                 process_id: int | None,
+                                 local_device_ids: Sequence[int] | None) -> None:
+  """jax.distributed.initialize() for an explicit coordinator or a multi-process cluster.
+
+  JAX fills what is not given from the detected cluster; a single process never initialises.
+  """
   import jax  # pylint: disable=g-import-not-at-top
-  if _COORDINATOR.value:
-    jax.distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
-  elif os.environ.get("SLURM_NTASKS", "1") != "1" or any(
-      os.environ.get(k) for k in _CLUSTER_ENV[1:]):
-    jax.distributed.initialize()
+  if coordinator_address or cluster_process_count() > 1:
+    jax.distributed.initialize(coordinator_address, num_processes, process_id,
+                               local_device_ids=local_device_ids)
+
+
+def describe_cluster(config: ConfigDict) -> str:
+  """Processes, devices, the mesh `config` trains on and its batch split, one fact a line."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from sslvl_jax import parallel  # pylint: disable=g-import-not-at-top
+  mesh = parallel.make_mesh(config.get("num_devices"))
+  parallel.check_batch_divides(config.global_batch_size, mesh)
+  batch = config.global_batch_size
+  kinds = ", ".join(sorted({d.device_kind for d in jax.devices()}))
+  return "\n".join([
+      f"process {jax.process_index()} of {jax.process_count()} "
+      f"(jax.distributed initialised: {jax.distributed.is_initialized()})",
+      f"devices: {jax.local_device_count()} local, {jax.device_count()} global, "
+      f"{jax.default_backend()} ({kinds})",
+      f"mesh: {dict(mesh.shape)} over {mesh.size} devices",
+      f"batch: {batch} global, {batch // jax.process_count()} per process, "
+      f"{batch // mesh.size} per device"])
 
 
 def main(argv: Sequence[str]) -> None:
@@ -49,8 +83,12 @@ def main(argv: Sequence[str]) -> None:
   logging.set_verbosity(logging.WARNING)  # library INFO chatter (orbax) off; progress is printed
   from sslvl_jax import config_check, workdir  # pylint: disable=g-import-not-at-top
   config_check.validate(_CONFIG.value)
+  ids = [int(i) for i in _LOCAL_DEVICE_IDS.value] if _LOCAL_DEVICE_IDS.value else None
+  maybe_initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value, ids)
+  if _DRY_RUN.value:
+    print(describe_cluster(_CONFIG.value), flush=True)
+    return
   workdir.prepare(_WORKDIR.value)
-  maybe_initialize_distributed()
   import jax  # pylint: disable=g-import-not-at-top
   from sslvl_jax import train  # pylint: disable=g-import-not-at-top
   lock = workdir.Lock(_WORKDIR.value) if jax.process_index() == 0 else None

@@ -1,8 +1,13 @@
-"""SIGTERM (preemption) as a flag the loop polls; installed first thing so start-up is covered too."""
+"""SIGTERM (preemption) as a flag the loop polls; installed first thing, so start-up is covered."""
 
 from __future__ import annotations
 
 import signal
+
+
+def check_due(step: int | None, every: int) -> bool:
+  """Whether the processes agree on a SIGTERM at `step` (None: now; `every` < 2: every step)."""
+  return step is None or every < 2 or step % every == 0
 
 
 class StopSignal:
@@ -16,11 +21,14 @@ class StopSignal:
     del signum, frame
     self.received = True
 
-  def should_stop(self) -> bool:
-    """True on every process once any process got SIGTERM (a collective on multi-host)."""
+  def should_stop(self, step: int | None = None, every: int = 1) -> bool:
+    """True once SIGTERM arrived: at once on one process; on multi-host, on every process at the
+    first step `check_due` picks after any process got it (a collective, so not every step)."""
     import jax  # pylint: disable=g-import-not-at-top  # not at import: keep installing it cheap
     if jax.process_count() == 1:
       return self.received
+    if not check_due(step, every):  # every process skips the same steps: they stay in lockstep
+      return False
     import numpy as np  # pylint: disable=g-import-not-at-top
     from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
     return bool(np.any(multihost_utils.process_allgather(np.int32(self.received))))
