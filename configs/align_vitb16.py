@@ -27,7 +27,7 @@ def get_config(arg: str | None = None) -> ConfigDict:
   c.checkpoint_every_steps = 2000
   c.data = common.data_config(**dict(
       name="webdataset", splits=dict(train=""), image_size=224, tokenizer="",
-                           context_length=64, worker_count=16, mean=common.CLIP_MEAN,
+                           context_length=64, worker_count=-1, mean=common.CLIP_MEAN,
                            std=common.CLIP_STD))
   c.model = ConfigDict(dict(
       image=dict(name="vit_b16", image_size=224),

@@ -25,7 +25,7 @@ def get_config(arg: str | None = None) -> ConfigDict:
 
   c.data = common.data_config(**dict(
       name="webdataset", splits=dict(train=""), image_size=224, tokenizer="", context_length=77,
-      worker_count=16, mean=common.CLIP_MEAN, std=common.CLIP_STD))
+      worker_count=-1, mean=common.CLIP_MEAN, std=common.CLIP_STD))
   c.model = ConfigDict(dict(
       image=dict(name="vit_b16", image_size=224, pre_norm=True, patch_bias=False, ln_eps=1e-5,
                  attention_impl="cudnn"),

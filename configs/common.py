@@ -37,8 +37,13 @@ def loop_fields(c: ConfigDict) -> ConfigDict:
 def data_config(**fields) -> ConfigDict:
   """A data config with every field a source reads declared, so each can be set from the CLI."""
   str_field = lambda: config_dict.placeholder(str)  # noqa: E731
+  # worker_count: decode processes (-1: one per core this process may use, less one);
+  # prefetch_batches: batches put on the devices while the step runs (0: none);
+  # streaming (webdataset): read shards in order, no index; needs num_examples.
   d = dict(name="digits", splits=dict(train="", test=""), image_size=224, tokenizer="",
-           context_length=77, worker_count=0, max_skip_fraction=0.05,
+           context_length=77, worker_count=0, prefetch_batches=2, max_skip_fraction=0.05,
+           streaming=False, resampled=False, shuffle_buffer=0,
+           num_examples=config_dict.placeholder(int),
            image_column="filepath", caption_column="title", label_column=str_field(),
            image_root=str_field(), text_ext="txt", dataset=str_field(), data_dir=str_field(),
            text_key=str_field(), crops=str_field(), eval_resize_ratio=1.0,
@@ -105,7 +110,7 @@ def imagenet_data(crops: str, **overrides) -> ConfigDict:
   """ImageNet-1k through TFDS (prepared ArrayRecord), or an ImageFolder via `name='image_folder'`."""
   return data_config(**{**dict(name="tfds", dataset="imagenet2012",
                                splits=dict(train="train", test="validation"), image_size=224,
-                               crops=crops, eval_resize_ratio=224 / 256, worker_count=32,
+                               crops=crops, eval_resize_ratio=224 / 256, worker_count=-1,
                                max_skip_fraction=0.01), **overrides})
 
 

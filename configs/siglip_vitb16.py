@@ -26,7 +26,7 @@ def get_config(arg: str | None = None) -> ConfigDict:
 
   c.data = common.data_config(**dict(
       name="webdataset", splits=dict(train=""), image_size=224, tokenizer="", context_length=16,
-      worker_count=16, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5)))
+      worker_count=-1, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5)))
   c.model = ConfigDict(dict(
       image=dict(name="vit_b16", image_size=224, pool="mean", attention_impl="cudnn"),
       text=dict(name="text_b", width=768, num_heads=12, pool="last_nonpad"),

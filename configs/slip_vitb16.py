@@ -26,7 +26,7 @@ def get_config(arg: str | None = None) -> ConfigDict:
   c.checkpoint_every_steps = 2000
   c.data = common.data_config(**dict(
       name="csv", splits=dict(train=""), image_size=224, tokenizer="",
-                           context_length=77, worker_count=16, crops="simclr",
+                           context_length=77, worker_count=-1, crops="simclr",
                            train_crop_scale=(0.5, 1.0), mean=common.CLIP_MEAN, std=common.CLIP_STD))
   c.augment = ConfigDict(dict(views0=("mocov2",)))
   c.model = ConfigDict(dict(

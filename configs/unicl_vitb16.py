@@ -27,7 +27,7 @@ def get_config(arg: str | None = None) -> ConfigDict:
   c.checkpoint_every_steps = 2000
   c.data = common.data_config(**dict(
       name="csv", splits=dict(train=""), image_size=224, tokenizer="",
-                           context_length=77, worker_count=16, label_column="label",
+                           context_length=77, worker_count=-1, label_column="label",
                            train_crop_scale=(0.08, 1.0), mean=common.CLIP_MEAN, std=common.CLIP_STD))
   c.model = ConfigDict(dict(image=dict(name="vit_b16", image_size=224), text=dict(name="text_b"),
                             embed_dim=512, dtype="bfloat16"))

@@ -16,15 +16,18 @@ import orbax.checkpoint as ocp
 from absl import logging
 from jax.experimental import multihost_utils
 
-from sslvl_jax import config_check
+from sslvl_jax import config_check, workdir as workdir_lib
 from sslvl_jax.errors import ConfigError, RunError
 
 # Keys that may change on resume: they do not change what a step computes.
 SAFE_TO_CHANGE = ("total_steps", "total_epochs", "total_examples", "schedule.total_steps",
                   "log_every_steps", "checkpoint_every_steps", "keep_checkpoints", "stop_at_step",
                   "num_devices", "nonfinite", "max_consecutive_skips", "collapse_rules",
-                  "evals", "evals.*", "data.worker_count", "data.max_skip_fraction")
+                  "preemption_check_every_steps", "evals", "evals.*", "data.prefetch_batches",
+                  "data.max_skip_fraction")
+# Not data.worker_count: grain's multi-process iterator state is per worker.
 UNSET = "<unset>"
+SHARED_CHECK = ".shared_storage_check"  # written and removed by check_shared
 
 
 class Checkpointer:
@@ -35,7 +38,7 @@ class Checkpointer:
   """
 
   def __init__(self, workdir: str, *, max_to_keep: int = 3, async_save: bool = True):
-    self.directory = os.path.join(os.path.abspath(workdir), "checkpoints")
+    self.directory = workdir_lib.absolute(workdir) / "checkpoints"  # local or gs://
     options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True,
                                            enable_async_checkpointing=async_save)
     self.manager = ocp.CheckpointManager(self.directory, options=options)
@@ -65,7 +68,7 @@ class Checkpointer:
     beside them; a full disk mid-save would leave only a temporary directory (and pages of
     errors from its writer threads).
     """
-    if "://" in self.directory:  # object stores do not fill up
+    if workdir_lib.is_url(self.directory):  # object stores do not fill up
       return
     self.manager.wait_until_finished()  # the previous save's bytes are on disk now
     free = shutil.disk_usage(self.directory).free
@@ -123,13 +126,13 @@ class Checkpointer:
 
   def _move_aside(self, step: int, reason: str) -> None:
     """Rename checkpoints/<step> to <step>.corrupt (process 0) and rescan."""
-    path = os.path.join(self.directory, str(step))
+    path = self.directory / str(step)
     if jax.process_index() == 0:
       logging.warning("checkpoint %d does not load (%s); moved aside to %s.corrupt", step,
                       reason, path)
       print(f"warning: checkpoint {step} does not load ({reason}); moved aside to "
             f"{path}.corrupt, trying the previous one", flush=True)
-      os.replace(path, path + ".corrupt")
+      path.replace(self.directory / f"{step}.corrupt")
     if jax.process_count() > 1:
       multihost_utils.sync_global_devices(f"checkpoint {step} moved aside")
     self.manager.reload()
@@ -142,6 +145,35 @@ class Checkpointer:
     """Finish pending saves and release resources."""
     self.manager.wait_until_finished()
     self.manager.close()
+
+
+def check_shared(workdir: str) -> None:
+  """RunError on every process unless all see `workdir` as one storage (never a hang).
+
+  Process 0 writes a random token to WORKDIR/SHARED_CHECK; after a barrier each process reads it
+  and the verdicts are gathered, so per-host local disks (where orbax would crash one process at
+  its first save and hang the others) stop all processes with the same message.
+  """
+  if jax.process_count() == 1:
+    return
+  path = workdir_lib.absolute(workdir) / SHARED_CHECK
+  token = multihost_utils.broadcast_one_to_all(np.frombuffer(os.urandom(16), np.uint8))
+  if jax.process_index() == 0:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(np.asarray(token).tobytes())
+  multihost_utils.sync_global_devices("shared workdir token written")
+  seen = path.read_bytes() if path.exists() else None
+  verdict = 0 if seen == np.asarray(token).tobytes() else 1 if seen is None else 2
+  verdicts = np.asarray(multihost_utils.process_allgather(np.int32(verdict))).reshape(-1)
+  if jax.process_index() == 0:
+    path.unlink(missing_ok=True)  # every process has read it (the gather is a barrier)
+  bad = np.flatnonzero(verdicts)
+  if bad.size:
+    k = int(bad[0])
+    sees = "no" if verdicts[k] == 1 else "another run's"
+    raise RunError(f"workdir {workdir} must be storage every host sees: gs://... or a shared "
+                   f"filesystem; process {k} sees {sees} {path} written by process 0 "
+                   f"({bad.size} of {verdicts.size} processes do not see it)")
 
 
 def all_processes(ok: bool) -> bool:

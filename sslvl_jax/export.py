@@ -12,12 +12,16 @@ timm state-dict layout for PyTorch users.
 from __future__ import annotations
 
 import os
+import tempfile
+from typing import Any
 
 from absl import flags, logging
+from etils import epath
 from ml_collections import config_flags
 
 from sslvl_jax import cli
 from sslvl_jax.errors import ConfigError
+from sslvl_jax.workdir import is_url
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "the run's recipe config", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "the training run's directory")
@@ -31,7 +35,7 @@ _TORCH = flags.DEFINE_string("torch", None, "also write a PyTorch-layout .safete
 def export(config, workdir: str, out_dir: str, *, step: int | None = None,
            role: str | None = None) -> str:
   """Write the encoder of checkpoint `step` of `workdir` to `out_dir`; returns `out_dir`."""
-  from sslvl_jax import interop, train  # pylint: disable=g-import-not-at-top
+  from sslvl_jax import train  # pylint: disable=g-import-not-at-top
   from sslvl_jax.methods.image_text import ImageText  # pylint: disable=g-import-not-at-top
   s = train.setup(config, workdir, step=step)
   if int(s.state.step) == 0:
@@ -60,9 +64,21 @@ def export(config, workdir: str, out_dir: str, *, step: int | None = None,
   else:
     info.update(tower="image", preprocessing=image_preprocessing(s.config, m))
     model_config, module = m.backbone_config(), net.backbone
-  interop.save_encoder(out_dir, module, model_config, info)
+  save_encoder(out_dir, module, model_config, info)
   s.ckpt.close()
   return out_dir
+
+
+def save_encoder(out_dir: str, module: Any, model_config: dict, info: dict) -> None:
+  """interop.save_encoder to `out_dir`; a gs:// one is written to a local temp dir and uploaded."""
+  from sslvl_jax import interop  # pylint: disable=g-import-not-at-top
+  if not is_url(out_dir):
+    interop.save_encoder(out_dir, module, model_config, info)
+    return
+  with tempfile.TemporaryDirectory() as tmp:
+    interop.save_encoder(tmp, module, model_config, info)
+    for f in epath.Path(tmp).iterdir():
+      (epath.Path(out_dir) / f.name).write_bytes(f.read_bytes())
 
 
 def data_tokenizer_spec(config):

@@ -10,24 +10,26 @@ from typing import Any, Mapping
 import jax
 import jax.numpy as jnp
 import numpy as np
+from etils import epath
 
 from sslvl_jax.errors import RunError
+from sslvl_jax.workdir import is_url
 
 
 class Writer:
   """Writes scalar metrics to stdout, WORKDIR/metrics.jsonl and WORKDIR/tensorboard (process 0 only)."""
 
   def __init__(self, workdir: str, enabled: bool | None = None, keep_until: int | None = None):
-    """Appends to WORKDIR/metrics.jsonl; with `keep_until`, rows of later steps are dropped first
-    (a resumed run redoes them, so each step appears once)."""
+    """Appends to WORKDIR/metrics.jsonl (local or gs://); with `keep_until`, rows of later steps
+    are dropped first (a resumed run redoes them, so each step appears once)."""
     self.enabled = jax.process_index() == 0 if enabled is None else enabled
     self._tb = None
     if self.enabled:
-      os.makedirs(workdir, exist_ok=True)
-      path = os.path.join(workdir, "metrics.jsonl")
-      if keep_until is not None and os.path.exists(path):
+      path = epath.Path(workdir) / "metrics.jsonl"
+      path.parent.mkdir(parents=True, exist_ok=True)  # a no-op on an existing bucket
+      if keep_until is not None and path.exists():
         truncate_rows(path, keep_until)
-      self._jsonl = open(path, "a", encoding="utf-8")
+      self._jsonl = ObjectRows(path) if is_url(workdir) else path.open("a")
       from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
       self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
 
@@ -58,10 +60,42 @@ class Writer:
       self._tb.close()
 
 
-def truncate_rows(path: str, last_step: int) -> None:
+class ObjectRows:
+  """A file appended to on an object store, which has no appends: the text is kept in memory and
+  the object rewritten whole at each flush (an upload replaces an object atomically, so readers
+  see every row up to some flush; a metrics file of ~1e4 rows costs ~MBs per flush)."""
+
+  def __init__(self, path: epath.Path):
+    self.path, self.closed = path, False
+    self.text = path.read_text() if path.exists() else ""
+
+  def write(self, text: str) -> None:
+    """Add `text` (sent at the next flush)."""
+    self.text += text
+
+  def flush(self) -> None:
+    """Upload the whole text."""
+    self.path.write_text(self.text)
+
+  def close(self) -> None:
+    """Mark closed (everything written was flushed by the caller)."""
+    self.closed = True
+
+
+def replace_text(path: epath.Path, text: str) -> None:
+  """Replace a file's contents atomically: an object upload is; locally via a renamed temp file."""
+  if is_url(path):
+    path.write_text(text)
+    return
+  tmp = path.with_name(path.name + ".tmp")
+  tmp.write_text(text)
+  tmp.replace(path)
+
+
+def truncate_rows(path: str | epath.Path, last_step: int) -> None:
   """Atomically rewrite a metrics.jsonl keeping the rows up to `last_step` (a torn last line goes)."""
-  with open(path, encoding="utf-8") as f:
-    lines = f.readlines()
+  path = epath.Path(path)
+  lines = path.read_text().splitlines(keepends=True)
   kept = []
   for line in lines:
     try:
@@ -71,10 +105,7 @@ def truncate_rows(path: str, last_step: int) -> None:
       continue  # a line cut by a kill
   if len(kept) == len(lines) and all(line.endswith("\n") for line in lines):
     return
-  tmp = f"{path}.tmp"
-  with open(tmp, "w", encoding="utf-8") as f:
-    f.writelines(kept)
-  os.replace(tmp, path)
+  replace_text(path, "".join(kept))
 
 
 class Throughput:

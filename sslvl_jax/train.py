@@ -6,13 +6,13 @@ import copy
 import dataclasses
 import functools
 import json
-import os
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from etils import epath
 from jax.experimental import multihost_utils
 from ml_collections import ConfigDict
 
@@ -124,11 +124,11 @@ def setup(config: ConfigDict, workdir: str, *, step: int | None = None,
   config = copy.deepcopy(config)
   mesh = parallel.make_mesh(config.get("num_devices"))
   parallel.check_batch_divides(config.global_batch_size, mesh)
-  train_source = data.source(config.data, "train")
-  if len(train_source) < config.global_batch_size:
+  train_data, num_examples = data.train_split(config.data)
+  if num_examples < config.global_batch_size:
     raise ConfigError(f"global_batch_size={config.global_batch_size} is larger than the "
-                      f"{len(train_source)} training examples; lower it or add data")
-  steps_per_epoch = len(train_source) / config.global_batch_size
+                      f"{num_examples} training examples; lower it or add data")
+  steps_per_epoch = num_examples / config.global_batch_size
   total_steps = to_steps(config, "total", steps_per_epoch, config.global_batch_size)
   with config.unlocked():
     config.optim.warmup_steps = to_steps(config.optim, "warmup", steps_per_epoch,
@@ -137,26 +137,28 @@ def setup(config: ConfigDict, workdir: str, *, step: int | None = None,
       if f"warmup_{unit}" in config.optim:
         del config.optim[f"warmup_{unit}"]
     config.schedule = {"total_steps": total_steps, "steps_per_epoch": steps_per_epoch}
+    # resolved like the durations, so a resume on a host with other cores is seen as a change
+    config.data.worker_count = data.resolve_worker_count(config.data.get("worker_count", 0))
   method = methods.get(config.method)(config, mesh)
   evaluators = eval_tasks.build_all(config.get("evals", {}), method, mesh)  # checks their data
   local_bs = config.global_batch_size // jax.process_count()
-  dataset = data.make_dataset(
-      train_source, data.example_transform(config.data, method.example, train=True),
-      local_batch_size=local_bs, seed=config.seed, train=True,
-      worker_count=config.data.get("worker_count", 0))
-  batches = data.GlobalBatches(dataset, mesh)
+  dataset = data.train_dataset(
+      config.data, train_data, data.example_transform(config.data, method.example, train=True),
+      local_batch_size=local_bs, seed=config.seed)
+  batches = data.GlobalBatches(dataset, mesh, prefetch=config.data.get("prefetch_batches", 2))
   tx_builder = lambda p: optim.build(config.optim, p, total_steps=total_steps,  # noqa: E731
                                      global_batch_size=config.global_batch_size,
                                      steps_per_epoch=steps_per_epoch)
   state, (tx, schedule) = init_state(method, tx_builder, jax.random.key(config.seed), mesh)
   ckpt = checkpoint.Checkpointer(workdir, max_to_keep=config.get("keep_checkpoints", 3))
+  checkpoint.check_shared(workdir)  # before any restore or save: hosts agree on the storage
   target = checkpoint.abstract_like(state)
   if step is None:
     check = functools.partial(check_config_change, checkpoint.json_config(config), allow_change)
-    restored = ckpt.restore_latest(target, batches.grain_iter, check)
+    restored = ckpt.restore_latest(target, batches, check)
     state = restored[0] if restored else state
   elif step:
-    state, _ = ckpt.restore(step, target, batches.grain_iter)
+    state, _ = ckpt.restore(step, target, batches)
   return Setup(config, mesh, method, batches, state, tx, schedule, ckpt, total_steps, evaluators)
 
 
@@ -196,14 +198,12 @@ def write_config(workdir: str, config: ConfigDict, step: int) -> None:
   if jax.process_index() != 0:
     return
   text = config.to_json_best_effort(indent=2)
-  path = os.path.join(workdir, "config.json")
-  if os.path.exists(path):
-    with open(path, encoding="utf-8") as f:
-      if f.read() == text:
-        return
-    path = os.path.join(workdir, f"config.{step}.json")
-  with open(path, "w", encoding="utf-8") as f:
-    f.write(text)
+  path = epath.Path(workdir) / "config.json"
+  if path.exists():
+    if path.read_text() == text:
+      return
+    path = path.with_name(f"config.{step}.json")
+  path.write_text(text)
 
 
 def check_guard(guard: dict, policy: str, max_run: int, ckpt: checkpoint.Checkpointer) -> None:
@@ -223,7 +223,7 @@ def save(ckpt: checkpoint.Checkpointer, step: int, state: TrainState, batches: d
   bad = checkpoint.nonfinite_leaves(state)
   if bad:
     raise RunError(f"non-finite values in {bad[0]} at step {step}: not saved; {ckpt.last_good()}")
-  ckpt.save(step, state, batches.grain_iter, {"step": step, "config": checkpoint.json_config(config)})
+  ckpt.save(step, state, batches, {"step": step, "config": checkpoint.json_config(config)})
 
 
 def run(config: ConfigDict, workdir: str, *, allow_change: tuple[str, ...] = (),
@@ -253,7 +253,8 @@ def run(config: ConfigDict, workdir: str, *, allow_change: tuple[str, ...] = (),
     while not early and step < total_steps:
       state, m = train_step(state, next(batches), rng)
       step += 1
-      preempted = stop.should_stop() or (stop_at is not None and step >= stop_at)
+      preempted = (stop.should_stop(step, config.get("preemption_check_every_steps", 10))
+                   or (stop_at is not None and step >= stop_at))
       log_now = step % log_every == 0 or step == total_steps
       save_now = step % ckpt_every == 0 or step == total_steps or preempted
       evals_now = [n for n, ev in s.evaluators.items() if ev.due(step, total_steps)]
@@ -278,6 +279,7 @@ def run(config: ConfigDict, workdir: str, *, allow_change: tuple[str, ...] = (),
       evaluators = {n: s.evaluators[n] for n in evals_now}
       last.update(run_evaluators(evaluators, s, state, step, writer, workdir))
   finally:
+    batches.close()
     ckpt.close()
     stop.restore()
     writer.close()

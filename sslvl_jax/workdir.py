@@ -8,10 +8,22 @@ import socket
 import threading
 import time
 
+from etils import epath
+
 from sslvl_jax.errors import ConfigError
 
 LOCK = "LOCK"
 STALE_SECONDS = 15 * 60  # a lock of another host not refreshed for this long is from a dead run
+
+
+def is_url(path: str | os.PathLike) -> bool:
+  """True for an object-store URL (gs://bucket/...), False for a local path."""
+  return "://" in os.fspath(path)
+
+
+def absolute(path: str | os.PathLike) -> epath.Path:
+  """`path` as an epath.Path: URLs as they are, local paths made absolute."""
+  return epath.Path(path if is_url(path) else os.path.abspath(os.fspath(path)))
 
 
 def _alive(pid: int) -> bool:
@@ -30,11 +42,18 @@ class Lock:
   The holder refreshes the lock's mtime every minute from a daemon thread; another host's lock
   counts as stale when not refreshed for STALE_SECONDS, so a job requeued on a new node resumes
   instead of waiting forever.
+
+  An object-store workdir (gs://) is not locked: epath opens files only in modes r/w/a, with no
+  create-if-absent, so two runs cannot exclude each other there; the scheduler must not start a
+  second run on the same gs:// workdir.
   """
 
   def __init__(self, workdir: str):
     self.path = os.path.join(workdir, LOCK)
     self.me = {"host": socket.gethostname(), "pid": os.getpid()}
+    self._held = threading.Event()
+    if is_url(workdir):
+      return
     while True:
       try:
         fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
@@ -43,7 +62,6 @@ class Lock:
         continue
       with os.fdopen(fd, "w", encoding="utf-8") as f:
         json.dump(self.me, f)
-      self._held = threading.Event()
       threading.Thread(target=self._refresh, daemon=True).start()
       return
 
@@ -77,6 +95,8 @@ class Lock:
   def release(self) -> None:
     """Stop refreshing and remove the lock."""
     self._held.set()
+    if is_url(self.path):
+      return
     try:
       os.remove(self.path)
     except FileNotFoundError:
@@ -85,6 +105,16 @@ class Lock:
 
 def prepare(workdir: str) -> None:
   """Create `workdir`, or say in one line why it cannot be used (a file, not writable)."""
+  if is_url(workdir):  # object stores have no directories; the bucket must exist
+    try:
+      import gcsfs, google.cloud.storage  # noqa: F401,E401  # pylint: disable=g-import-not-at-top
+    except ImportError as e:
+      raise ConfigError(f"--workdir={workdir} needs the gcs extra: pip install "
+                        f"'sslvl_jax[gcs]' ({e})") from e
+    bucket = epath.Path("/".join(workdir.split("/")[:3]))
+    if not bucket.exists():
+      raise ConfigError(f"--workdir={workdir}: bucket {bucket} does not exist or is not readable")
+    return
   if os.path.exists(workdir) and not os.path.isdir(workdir):
     raise ConfigError(f"--workdir={workdir} is a file; give a directory")
   try:

@@ -31,10 +31,14 @@ def cli(*args, module="sslvl_jax.main", timeout=300):
 
 
 def one_error_line(stderr: str) -> str:
-  """The stderr of a refused run: exactly one line, 'error: ...'; returns it."""
+  """The stderr of a refused run ends with its one line 'error: ...' (returned), no traceback.
+
+  Libraries may warn before it (orbax: "waiting for previous save" on a loaded machine)."""
   lines = [line for line in stderr.splitlines() if line.strip()]
-  assert len(lines) == 1 and lines[0].startswith("error: "), stderr[-3000:]
-  return lines[0]
+  found = [line for line in lines if line.startswith("error: ")]
+  assert len(found) == 1 and lines[-1] == found[0], stderr[-3000:]
+  assert "Traceback" not in stderr, stderr[-3000:]
+  return found[0]
 
 
 def smoke_config(total_steps: int, **fields):

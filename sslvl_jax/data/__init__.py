@@ -5,12 +5,15 @@ from __future__ import annotations
 import os
 from typing import Any
 
+from etils import epath
 from ml_collections import ConfigDict
 
 from sslvl_jax.data import builtin, sources
 from sslvl_jax.errors import ConfigError
 from sslvl_jax.data.examples import EXAMPLES
-from sslvl_jax.data.pipeline import GlobalBatches, Transform, make_dataset
+from sslvl_jax.data.pipeline import (GlobalBatches, Transform, make_dataset,
+                                     resolve_worker_count)
+from sslvl_jax.data.streaming import make_streaming_dataset
 from sslvl_jax.data.tokenizer import TokenizerSpec
 from sslvl_jax.registry import Registry
 
@@ -78,6 +81,34 @@ def source(cfg: ConfigDict, split: str) -> Any:
 EXAMPLE_OPTIONS = ("train_crop_scale", "eval_resize_ratio", "crops", "crop_groups")
 
 
+def train_split(cfg: ConfigDict) -> tuple[Any, int]:
+  """(what to read, number of examples) of the training split: a random-access source, or with
+  `data.streaming` (webdataset) the shard pattern and `data.num_examples` (streams are not
+  counted: nothing is opened at start)."""
+  if not cfg.get("streaming"):
+    train = source(cfg, "train")
+    return train, len(train)
+  if cfg.name != "webdataset":
+    raise ConfigError(f"data.streaming=True reads webdataset shards; data.name is {cfg.name!r}")
+  if not cfg.get("num_examples"):
+    raise ConfigError("data.streaming=True needs data.num_examples (the number of training "
+                      "examples), since the shards are not scanned")
+  return split_location(cfg, "train"), cfg.num_examples
+
+
+def train_dataset(cfg: ConfigDict, what: Any, transform: Transform, *, local_batch_size: int,
+                  seed: int) -> Any:
+  """The training stream of local batches over `what` (from train_split)."""
+  options = dict(local_batch_size=local_batch_size, seed=seed, train=True,
+                 worker_count=cfg.get("worker_count", 0))
+  if not cfg.get("streaming"):
+    return make_dataset(what, transform, **options)
+  return make_streaming_dataset(what, transform, resampled=cfg.get("resampled", False),
+                                shuffle_buffer=cfg.get("shuffle_buffer", 0),
+                                open_fn=lambda path, mode: epath.Path(path).open(mode),
+                                text_ext=cfg.get("text_ext", "txt"), **options)
+
+
 def example_transform(cfg: ConfigDict, example: str, *, train: bool) -> Transform:
   """Bind the host transform `example` to the data config."""
   kwargs = {"image_size": cfg.image_size, "train": train}
@@ -87,5 +118,6 @@ def example_transform(cfg: ConfigDict, example: str, *, train: bool) -> Transfor
   return Transform(EXAMPLES.get(example), kwargs)
 
 
-__all__ = ["SOURCES", "EXAMPLES", "GlobalBatches", "make_dataset", "source", "example_transform",
+__all__ = ["SOURCES", "EXAMPLES", "GlobalBatches", "make_dataset", "make_streaming_dataset",
+           "resolve_worker_count", "train_split", "train_dataset", "source", "example_transform",
            "tokenizer_spec"]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import glob
+import io
 import json
 import logging
 import os
@@ -18,8 +19,10 @@ import tarfile
 from typing import Iterable
 
 import numpy as np
+from etils import epath
 
 from sslvl_jax.errors import ConfigError
+from sslvl_jax.workdir import absolute, is_url
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 _BRACE = re.compile(r"\{([^{}]*)\}")
@@ -46,16 +49,25 @@ def expand_paths(spec: str | Iterable[str]) -> list[str]:
   out = []
   for s in specs:
     for p in brace_expand(os.path.expanduser(s)):
-      matches = sorted(glob.glob(p)) if any(c in p for c in "*?[") else [p]
+      matches = _glob(p) if any(c in p for c in "*?[") else [p]
       if not matches:
         raise ConfigError(f"no files match {p!r} (from {spec!r})")
       out.extend(matches)
   if not out:
     raise ConfigError(f"no files in {spec!r}")
-  missing = [p for p in out if not os.path.exists(p)]
+  missing = [p for p in out if not epath.Path(p).exists()]
   if missing:
     raise ConfigError(f"{len(missing)} of {len(out)} files do not exist, e.g. {missing[0]!r}")
   return out
+
+
+def _glob(pattern: str) -> list[str]:
+  """Sorted matches of a glob pattern, a local path or a gs:// URL."""
+  if not is_url(pattern):
+    return sorted(glob.glob(pattern))
+  parts = pattern.split("/")
+  i = next(i for i, part in enumerate(parts) if any(c in part for c in "*?["))
+  return sorted(os.fspath(m) for m in epath.Path("/".join(parts[:i])).glob("/".join(parts[i:])))
 
 
 class EmptyCaptionError(ValueError):
@@ -63,8 +75,7 @@ class EmptyCaptionError(ValueError):
 
 
 def _read(path: str) -> bytes:
-  with open(path, "rb") as f:
-    return f.read()
+  return epath.Path(path).read_bytes()
 
 
 class ImageFolder:
@@ -75,10 +86,10 @@ class ImageFolder:
 
   def __init__(self, root: str):
     root = os.path.expanduser(root)
-    if not os.path.isdir(root):
+    if not epath.Path(root).is_dir():
       raise ConfigError(f"image folder {root!r} does not exist; check data.splits")
-    self.classes = sorted(d for d in os.listdir(root)
-                          if not d.startswith(".") and os.path.isdir(os.path.join(root, d)))
+    self.classes = sorted(d.name for d in epath.Path(root).iterdir()
+                          if not d.name.startswith(".") and d.is_dir())
     if not self.classes:
       raise ConfigError(f"image folder {root!r} has no class sub-folders "
                         "(expected root/<class>/*.jpg)")
@@ -100,7 +111,13 @@ class ImageFolder:
 
 
 def _images_under(root: str, folder: str) -> list[str]:
-  """Image files under root/folder at any depth, relative to root, in sorted walk order."""
+  """Image files under root/folder at any depth, relative to root, in sorted walk order (sorted
+  paths on gs://, where there are no directories to walk)."""
+  if is_url(root):
+    skip = len(root.rstrip("/")) + 1
+    found = (os.fspath(p)[skip:] for p in epath.Path(root, folder).glob("**/*"))
+    return sorted(r for r in found if r.lower().endswith(IMAGE_EXTENSIONS)
+                  and not any(part.startswith(".") for part in r.split("/")))
   out = []
   for dirpath, dirnames, filenames in os.walk(os.path.join(root, folder), followlinks=True):
     dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
@@ -120,19 +137,19 @@ class CaptionTable:
   def __init__(self, path: str, *, image_column: str = "filepath", caption_column: str = "title",
                root: str | None = None, label_column: str | None = None):
     path = os.path.expanduser(path)
-    if not os.path.isfile(path):
+    if not epath.Path(path).is_file():
       raise ConfigError(f"caption table {path!r} does not exist; check data.splits")
     delim = "\t" if path.endswith((".tsv", ".tab")) else ","
-    with open(path, encoding="utf-8-sig", newline="") as f:  # -sig: spreadsheet exports add a BOM
-      reader = csv.DictReader(f, delimiter=delim)
-      cols = reader.fieldnames or []
-      for c in (image_column, caption_column) + ((label_column,) if label_column else ()):
-        if c not in cols:
-          raise ConfigError(f"{path} has no column {c!r} (columns: {cols}); set "
-                            "data.image_column / data.caption_column")
-      rows = [(r[image_column], r[caption_column], r[label_column] if label_column else None)
-              for r in reader]
-    self.root = os.path.expanduser(root) if root else os.path.dirname(os.path.abspath(path))
+    text = epath.Path(path).read_bytes().decode("utf-8-sig")  # -sig: spreadsheets add a BOM
+    reader = csv.DictReader(io.StringIO(text, newline=""), delimiter=delim)
+    cols = reader.fieldnames or []
+    for c in (image_column, caption_column) + ((label_column,) if label_column else ()):
+      if c not in cols:
+        raise ConfigError(f"{path} has no column {c!r} (columns: {cols}); set "
+                          "data.image_column / data.caption_column")
+    rows = [(r[image_column], r[caption_column], r[label_column] if label_column else None)
+            for r in reader]
+    self.root = os.path.expanduser(root) if root else os.fspath(absolute(path).parent)
     self.paths = [p for p, _, _ in rows]
     self.captions = [c for _, c, _ in rows]
     self.labels = [l for _, _, l in rows] if label_column else None
@@ -175,13 +192,13 @@ class TarShards:
       raise ConfigError(f"no samples with an image member in {shards!r}")
 
   def _scan(self, shard: str) -> list[tuple[str, dict[str, tuple[int, int]]]]:
-    with open(shard, "rb") as f:
+    with epath.Path(shard).open("rb") as f:
       if f.read(2) == b"\x1f\x8b":
         raise ConfigError(f"{shard} is gzip-compressed; random access needs plain .tar shards "
                           "(gunzip them, or convert with `python -m sslvl_jax.data.convert`)")
     groups: dict[str, dict[str, tuple[int, int]]] = {}
     try:
-      with tarfile.open(shard, "r:") as tar:
+      with epath.Path(shard).open("rb") as f, tarfile.open(fileobj=f, mode="r:") as tar:
         for m in tar:
           base = os.path.basename(m.name)
           if not m.isfile() or "." not in base:
@@ -203,7 +220,7 @@ class TarShards:
 
   def __getitem__(self, index: int) -> dict:
     si, _, members = self.index[index]
-    with open(self.shards[si], "rb") as f:
+    with epath.Path(self.shards[si]).open("rb") as f:
       def member(ext):
         off, size = members[ext]
         f.seek(off)

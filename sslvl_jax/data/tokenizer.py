@@ -8,6 +8,7 @@ from typing import Sequence
 
 import numpy as np
 import sentencepiece as spm
+from etils import epath
 
 PAD_ID, UNK_ID, BOS_ID, EOT_ID = 0, 1, 2, 3
 
@@ -28,12 +29,12 @@ class Tokenizer:
   """Encodes texts to (n, context_length) int32: [BOS] pieces [EOT] [PAD]...; EOT kept on truncation."""
 
   def __init__(self, spec: TokenizerSpec):
-    if not os.path.isfile(spec.model_path):
+    if not epath.Path(spec.model_path).is_file():  # local or gs://
       raise FileNotFoundError(
           f"tokenizer model {spec.model_path!r} not found; set --config.data.tokenizer to a "
           "SentencePiece .model file or train one with `python -m sslvl_jax.data.train_tokenizer`")
     self.spec = spec
-    self.sp = spm.SentencePieceProcessor(model_file=spec.model_path)
+    self.sp = spm.SentencePieceProcessor(model_proto=epath.Path(spec.model_path).read_bytes())
     for name in ("pad_id", "bos_id", "eot_id"):
       sp_id = {"pad_id": self.sp.pad_id(), "bos_id": self.sp.bos_id(), "eot_id": self.sp.eos_id()}[name]
       if sp_id != getattr(spec, name):

@@ -10,12 +10,12 @@ logged, left out and counted in the result's `skipped`.
 from __future__ import annotations
 
 import json
-import os
 from typing import Any, Callable, TypeVar
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from etils import epath
 from flax import nnx
 from ml_collections import ConfigDict
 
@@ -247,10 +247,10 @@ def save_result(workdir: str, name: str, step: int, result: dict, settings: dict
   """WORKDIR/evals/<name>_<step>.json with the results and every setting used (process 0)."""
   if jax.process_index() != 0:
     return
-  os.makedirs(os.path.join(workdir, "evals"), exist_ok=True)
-  with open(os.path.join(workdir, "evals", f"{name}_{step}.json"), "w", encoding="utf-8") as f:
-    json.dump({"step": step, "results": {k: float(v) for k, v in result.items()},
-               "settings": settings}, f, indent=1, default=str)
+  path = epath.Path(workdir) / "evals" / f"{name}_{step}.json"
+  path.parent.mkdir(parents=True, exist_ok=True)
+  path.write_text(json.dumps({"step": step, "results": {k: float(v) for k, v in result.items()},
+                              "settings": settings}, indent=1, default=str))
 
 
 @EVALUATORS.register("retrieval")
