@@ -12,11 +12,16 @@ import io
 import json
 import logging
 import os
+import re
 import socket
 import subprocess
 import sys
+import tarfile
+import time
 
+import numpy as np
 import pytest
+from etils import epath
 from PIL import Image
 
 from sslvl_jax.data import builtin
@@ -90,26 +95,82 @@ def _names(prefix: str) -> list[str]:
 
 
 @pytest.mark.slow
-def test_gs_workdir_trains_resumes_and_exports(gcs_env):
-  workdir = f"gs://{BUCKET}/run"
-  r = _cli("sslvl_jax.main", [*ARGS, f"--workdir={workdir}", "--config.total_steps=2"], gcs_env)
+def test_gs_workdir_killed_resumes_bitwise_and_exports(gcs_env, tmp_path):
+  """kill -9 after the first checkpoint reached the bucket; the rerun resumes from the bucket and
+  ends with the parameters of the same run on a local disk, bit for bit; then export to gs://."""
+  steps = 30  # long enough that the kill lands mid-run
+  workdir, run = f"gs://{BUCKET}/run", [*ARGS, f"--config.total_steps={steps}",
+                                        "--config.checkpoint_every_steps=2"]
+  r = _cli("sslvl_jax.main", [*run, f"--workdir={tmp_path / 'local'}"], gcs_env)
   assert r.returncode == 0, r.stderr[-3000:]
-  r = _cli("sslvl_jax.main", [*ARGS, f"--workdir={workdir}"], gcs_env)  # smoke: 4 steps
+  p = subprocess.Popen([sys.executable, "-m", "sslvl_jax.main", *run, f"--workdir={workdir}"],
+                       cwd=REPO, env=gcs_env, stdout=subprocess.DEVNULL,
+                       stderr=subprocess.DEVNULL)
+  deadline = time.time() + 300
+  committed = re.compile(r"run/checkpoints/\d+/commit_success\.txt")  # a finished step
+  while time.time() < deadline and p.poll() is None and not any(
+      committed.fullmatch(n) for n in _names("run/checkpoints/")):
+    time.sleep(0.1)
+  p.kill()
+  assert p.wait() == -9, "the run ended before the kill"
+  r = _cli("sslvl_jax.main", [*run, f"--workdir={workdir}"], gcs_env)
   assert r.returncode == 0, r.stderr[-3000:]
-  assert f"resumed from step 2 in {workdir}/checkpoints" in r.stdout
+  assert "resumed from step " in r.stdout and f" in {workdir}/checkpoints" in r.stdout
   rows = [json.loads(line) for line in _blob_text("run/metrics.jsonl").splitlines()]
-  assert [row["step"] for row in rows if "train/loss" in row] == [1, 2, 3, 4]
+  assert [row["step"] for row in rows if "train/loss" in row] == list(range(1, steps + 1))
   names = _names("run/")
   assert "run/config.json" in names
-  assert any(n.startswith("run/checkpoints/4/") for n in names)
   assert any(n.startswith("run/tensorboard/events.out.tfevents") for n in names)
   assert not any(n.startswith("gs:") for n in os.listdir(REPO))  # no local 'gs:' directory
-
+  local, remote = _params(str(tmp_path / "local"), steps), _params(workdir, steps)
+  for x, y in zip(local, remote):
+    np.testing.assert_array_equal(x, y)
   r = _cli("sslvl_jax.export", [*ARGS, f"--workdir={workdir}"], gcs_env)
   assert r.returncode == 0, r.stderr[-3000:]
   info = json.loads(_blob_text("run/export/config.json"))
   assert "run/export/model.safetensors" in _names("run/export/")
-  assert info["step"] == 4
+  assert info["step"] == steps
+
+
+def _params(workdir: str, step: int) -> list[np.ndarray]:
+  """The saved student params of `step` (a local path or gs://), in a subprocess-free read."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  mgr = ocp.CheckpointManager(epath.Path(workdir) / "checkpoints")
+  out = mgr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
+  return [np.asarray(x) for x in jax.tree.leaves(out["state"]["params"])]
+
+
+@pytest.mark.slow
+def test_gs_webdataset_shards_stream_and_train(gcs_env):
+  """Shards in the bucket: training streams them (data.streaming), zero-shot reads them indexed."""
+  bucket = storage.Client().bucket(BUCKET)
+  digits = builtin.DigitsSource("train")
+  for s in range(2):
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+      for i in range(16 * s, 16 * s + 16):
+        png = io.BytesIO()
+        Image.fromarray(digits[i]["image"]).save(png, format="PNG")
+        for ext, blob in (("png", png.getvalue()), ("txt", digits[i]["text"].encode()),
+                          ("cls", str(digits[i]["label"]).encode())):
+          info = tarfile.TarInfo(f"{i:05d}.{ext}")
+          info.size = len(blob)
+          tar.addfile(info, io.BytesIO(blob))
+    bucket.blob(f"wds/s-{s:02d}.tar").upload_from_string(buf.getvalue())
+  r = _cli("sslvl_jax.main", [*ARGS, f"--workdir=gs://{BUCKET}/wds_run",
+                              "--config.data.name=webdataset", "--config.data.streaming=True",
+                              "--config.data.num_examples=32",
+                              f"--config.data.splits.train=gs://{BUCKET}/wds/s-{{00..01}}.tar",
+                              f"--config.data.splits.test=gs://{BUCKET}/wds/s-01.tar",
+                              "--config.total_steps=3"], gcs_env)
+  assert r.returncode == 0, r.stderr[-3000:]
+  rows = [json.loads(line) for line in _blob_text("wds_run/metrics.jsonl").splitlines()]
+  train_rows = [row for row in rows if "train/loss" in row]
+  assert [row["step"] for row in train_rows] == [1, 2, 3]
+  assert train_rows[-1]["data/skipped"] == 0
+  zero_shot = [row for row in rows if "zero_shot/top1" in row]  # the indexed reader, on gs://
+  assert zero_shot and zero_shot[-1]["zero_shot/skipped"] == 0
 
 
 @pytest.mark.slow
