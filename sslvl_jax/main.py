@@ -13,9 +13,9 @@ from __future__ import annotations
 from typing import Sequence
 
 from absl import flags, logging
-from ml_collections import ConfigDict, config_flags
+from ml_collections import config_flags
 
-from sslvl_jax import cli
+from sslvl_jax import cli, cluster
 from sslvl_jax.preemption import StopSignal
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "recipe config file (configs/*.py[:arg])",
@@ -36,47 +36,6 @@ _DRY_RUN = flags.DEFINE_bool("dry_run", False, "print the cluster, devices, mesh
 _STOP = StopSignal()  # first: a SIGTERM while jax imports and the run is built is not lost
 
 
-def cluster_process_count() -> int:
-  """Processes of the cluster JAX's own auto-detection finds (SLURM, TPU pod, ...); 1 if none."""
-  from jax._src import clusters  # pylint: disable=g-import-not-at-top
-  # The environments and the order jax.distributed.initialize() itself tries (private API: there
-  # is no public one; opt-in methods such as mpi4py are only used when asked for by name).
-  env = next((e for e in clusters.ClusterEnv._cluster_types  # pylint: disable=protected-access
-              if not e.opt_in_only_method and e.is_env_present()), None)
-  return env.get_process_count() if env else 1
-
-
-def maybe_initialize_distributed(coordinator_address: str | None, num_processes: int | None,
-                                 process_id: int | None,
-                                 local_device_ids: Sequence[int] | None) -> None:
-  """jax.distributed.initialize() for an explicit coordinator or a multi-process cluster.
-
-  JAX fills what is not given from the detected cluster; a single process never initialises.
-  """
-  import jax  # pylint: disable=g-import-not-at-top
-  if coordinator_address or cluster_process_count() > 1:
-    jax.distributed.initialize(coordinator_address, num_processes, process_id,
-                               local_device_ids=local_device_ids)
-
-
-def describe_cluster(config: ConfigDict) -> str:
-  """Processes, devices, the mesh `config` trains on and its batch split, one fact a line."""
-  import jax  # pylint: disable=g-import-not-at-top
-  from sslvl_jax import parallel  # pylint: disable=g-import-not-at-top
-  mesh = parallel.make_mesh(config.get("num_devices"))
-  parallel.check_batch_divides(config.global_batch_size, mesh)
-  batch = config.global_batch_size
-  kinds = ", ".join(sorted({d.device_kind for d in jax.devices()}))
-  return "\n".join([
-      f"process {jax.process_index()} of {jax.process_count()} "
-      f"(jax.distributed initialised: {jax.distributed.is_initialized()})",
-      f"devices: {jax.local_device_count()} local, {jax.device_count()} global, "
-      f"{jax.default_backend()} ({kinds})",
-      f"mesh: {dict(mesh.shape)} over {mesh.size} devices",
-      f"batch: {batch} global, {batch // jax.process_count()} per process, "
-      f"{batch // mesh.size} per device"])
-
-
 def main(argv: Sequence[str]) -> None:
   del argv
   cli.required(config=_CONFIG.value, workdir=_WORKDIR.value)
@@ -84,9 +43,9 @@ def main(argv: Sequence[str]) -> None:
   from sslvl_jax import config_check, workdir  # pylint: disable=g-import-not-at-top
   config_check.validate(_CONFIG.value)
   ids = [int(i) for i in _LOCAL_DEVICE_IDS.value] if _LOCAL_DEVICE_IDS.value else None
-  maybe_initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value, ids)
+  cluster.maybe_initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value, ids)
   if _DRY_RUN.value:
-    print(describe_cluster(_CONFIG.value), flush=True)
+    print(cluster.describe(_CONFIG.value), flush=True)
     return
   workdir.prepare(_WORKDIR.value)
   import jax  # pylint: disable=g-import-not-at-top

@@ -130,13 +130,12 @@ def _set_env(monkeypatch, env: dict) -> None:
     monkeypatch.setenv(k, v)
 
 
-@pytest.fixture(name="main")
-def fixture_main(monkeypatch):
-  """sslvl_jax.main, with no cluster in the environment."""
-  from sslvl_jax import main  # pylint: disable=g-import-not-at-top
-  main._STOP.restore()  # pylint: disable=protected-access  # installed at import: not for pytest
+@pytest.fixture(name="cluster")
+def fixture_cluster(monkeypatch):
+  """sslvl_jax.cluster, with no cluster in the environment."""
+  from sslvl_jax import cluster  # pylint: disable=g-import-not-at-top
   _drop_cluster_env(monkeypatch)
-  return main
+  return cluster
 
 
 @pytest.fixture(name="calls")
@@ -147,18 +146,18 @@ def fixture_calls(monkeypatch) -> list:
   return calls
 
 
-def test_no_cluster_and_single_process_never_initialise(main, calls, monkeypatch):
-  main.maybe_initialize_distributed(None, None, None, None)
+def test_no_cluster_and_single_process_never_initialise(cluster, calls, monkeypatch):
+  cluster.maybe_initialize_distributed(None, None, None, None)
   _set_env(monkeypatch, SLURM_ONE_TASK)
-  assert main.cluster_process_count() == 1
-  main.maybe_initialize_distributed(None, None, None, [0])
+  assert cluster.cluster_process_count() == 1
+  cluster.maybe_initialize_distributed(None, None, None, [0])
   assert calls == []
 
 
-def test_slurm_job_initialises_with_own_gpu(main, calls, monkeypatch):
+def test_slurm_job_initialises_with_own_gpu(cluster, calls, monkeypatch):
   _set_env(monkeypatch, SLURM_TASK)
-  assert main.cluster_process_count() == 16
-  main.maybe_initialize_distributed(None, None, None, [0])
+  assert cluster.cluster_process_count() == 16
+  cluster.maybe_initialize_distributed(None, None, None, [0])
   assert calls == [((None, None, None), {"local_device_ids": [0]})]
 
 
@@ -172,17 +171,17 @@ def test_slurm_autodetect_picks_localid_so_the_script_overrides_it(monkeypatch):
   assert detect(None, None, None, [0], None, None)[3] == [0]
 
 
-def test_tpu_pod_found_from_metadata_initialises(main, calls, monkeypatch):
+def test_tpu_pod_found_from_metadata_initialises(cluster, calls, monkeypatch):
   # A gcloud-ssh'd pod worker sets no cluster variables: JAX finds the pod in the TPU metadata.
   pod = cloud_tpu_cluster.GceTpuCluster
   monkeypatch.setattr(pod, "is_env_present", classmethod(lambda c: True))
   monkeypatch.setattr(pod, "get_process_count", classmethod(lambda c: 8))
-  main.maybe_initialize_distributed(None, None, None, None)
+  cluster.maybe_initialize_distributed(None, None, None, None)
   assert calls == [((None, None, None), {"local_device_ids": None})]
 
 
-def test_explicit_coordinator_flags_win(main, calls):
-  main.maybe_initialize_distributed("10.0.0.1:1234", 2, 1, None)
+def test_explicit_coordinator_flags_win(cluster, calls):
+  cluster.maybe_initialize_distributed("10.0.0.1:1234", 2, 1, None)
   assert calls == [(("10.0.0.1:1234", 2, 1), {"local_device_ids": None})]
 
 
