@@ -15,19 +15,19 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from sslvl_jax.errors import ConfigError
 
-DATA_AXIS = "data"
+BATCH_AXES = "data"  # the mesh axes a batch is split over (the losses' axis_name)
 
 
 def make_mesh(num_devices: int | None = None) -> Mesh:
   """A 1-D data-parallel mesh over all (or the first `num_devices`) devices, Auto axis types."""
   devices = jax.devices() if num_devices is None else jax.devices()[:num_devices]
-  return jax.make_mesh((len(devices),), (DATA_AXIS,),
+  return jax.make_mesh((len(devices),), ("data",),
                        axis_types=(jax.sharding.AxisType.Auto,), devices=devices)
 
 
 def data_sharding(mesh: Mesh) -> NamedSharding:
   """Sharding of a batch: leading axis split over the data axis."""
-  return NamedSharding(mesh, P(DATA_AXIS))
+  return NamedSharding(mesh, P(BATCH_AXES))
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
@@ -56,7 +56,7 @@ def host_to_global(mesh: Mesh, local_batch: Any) -> Any:
 
 def sharded_loss(fn: Callable[..., Any], mesh: Mesh, in_specs: tuple, out_specs: Any = P()
                  ) -> Callable[..., Any]:
-  """Wrap a per-device loss written with `axis_name=DATA_AXIS` collectives in `jax.shard_map`."""
+  """Wrap a per-device loss written with `axis_name=BATCH_AXES` collectives in `jax.shard_map`."""
   return jax.shard_map(fn, mesh=mesh, in_specs=in_specs, out_specs=out_specs)
 
 

@@ -19,12 +19,12 @@ from jax.sharding import PartitionSpec as P
 from sslvl_jax import losses, parallel
 
 B, D, K_QUEUE, N_CROPS = 16, 8, 32, 4
-BATCH, REP, CROPS = P(parallel.DATA_AXIS), P(), P(None, parallel.DATA_AXIS)
+BATCH, REP, CROPS = P(parallel.BATCH_AXES), P(), P(None, parallel.BATCH_AXES)
 
 
 def sharded(fn: Callable[..., Any], specs: tuple, **kw: Any) -> Callable[..., Any]:
   """`fn` on the 8-device mesh, inputs split by `specs`, collectives over 'data', replicated output."""
-  return jax.shard_map(functools.partial(fn, axis_name=parallel.DATA_AXIS, **kw),
+  return jax.shard_map(functools.partial(fn, axis_name=parallel.BATCH_AXES, **kw),
                        mesh=parallel.make_mesh(), in_specs=specs, out_specs=P())
 
 

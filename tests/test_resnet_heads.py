@@ -54,9 +54,9 @@ def test_sharded_batch_norm_uses_global_batch_statistics(tiny_r18, images):
   fwd, state = _train_forward(tiny_r18)
   dev0 = jax.devices()[0]
   ref_out, ref_stats = fwd(jax.device_put(state, dev0), jax.device_put(images, dev0))
-  x_sharded = jax.device_put(images, NamedSharding(mesh, P(parallel.DATA_AXIS)))
+  x_sharded = jax.device_put(images, NamedSharding(mesh, P(parallel.BATCH_AXES)))
   out, stats = fwd(jax.device_put(state, NamedSharding(mesh, P())), x_sharded)
-  assert out["pooled"].sharding.spec[0] == parallel.DATA_AXIS  # really ran data-parallel
+  assert out["pooled"].sharding.spec[0] == parallel.BATCH_AXES  # really ran data-parallel
   assert out["pooled"].shape == (B, tiny_r18.num_features)
   _close(out, ref_out)
   _close(stats, ref_stats)
@@ -78,7 +78,7 @@ def test_bn_groups_equal_separate_runs_per_group(tiny_r18, images):
   mesh = parallel.make_mesh()
   fwd8, state = _train_forward(tiny_r18, groups=8)
   out, stats = fwd8(jax.device_put(state, NamedSharding(mesh, P())),
-                    jax.device_put(images, NamedSharding(mesh, P(parallel.DATA_AXIS))))
+                    jax.device_put(images, NamedSharding(mesh, P(parallel.BATCH_AXES))))
   fwd1, _ = _train_forward(tiny_r18)
   runs = [fwd1(state, jnp.asarray(g)) for g in np.split(images, 8)]
   ref_out = jax.tree.map(lambda *a: np.concatenate(a), *[r[0] for r in runs])

@@ -41,7 +41,7 @@ def _knn_scores(bank: jax.Array, bank_labels: jax.Array, test_chunks: jax.Array,
                 n_test: int, k: int, temperature: float, num_classes: int, mesh: Mesh | None
                 ) -> jax.Array:
   """All test chunks through `_chunk_scores`, over the mesh when there is one."""
-  axis_name = None if mesh is None else parallel.DATA_AXIS
+  axis_name = None if mesh is None else parallel.BATCH_AXES
 
   def per_device(bank, bank_labels, test_chunks):
     score = functools.partial(_chunk_scores, bank=l2_normalize(bank), bank_labels=bank_labels,
@@ -52,7 +52,7 @@ def _knn_scores(bank: jax.Array, bank_labels: jax.Array, test_chunks: jax.Array,
   if mesh is not None:
     # The all-gathered candidates are the same on every device; shard_map cannot infer that.
     per_device = jax.shard_map(per_device, mesh=mesh, out_specs=P(), check_vma=False,
-                               in_specs=(P(parallel.DATA_AXIS), P(parallel.DATA_AXIS), P()))
+                               in_specs=(P(parallel.BATCH_AXES), P(parallel.BATCH_AXES), P()))
   scores = per_device(bank, bank_labels, test_chunks)
   return scores.reshape(-1, num_classes)[:n_test]
 
@@ -87,7 +87,7 @@ def knn_predict(train_feats: jax.Array, train_labels: jax.Array, test_feats: jax
   n_dev = 1 if mesh is None else mesh.devices.size
   chunk = max(1, min(test_chunk, n_test))
   test_chunks = _pad_rows(test_feats, chunk).reshape(-1, chunk, test_feats.shape[1])
-  bank_spec = P(parallel.DATA_AXIS)
+  bank_spec = P(parallel.BATCH_AXES)
   return _knn_scores(_put(_pad_rows(train_feats, n_dev), mesh, bank_spec),
                      _put(_pad_rows(train_labels, n_dev), mesh, bank_spec),
                      _put(test_chunks, mesh, P()), n_train=n_train, n_test=n_test, k=k,

@@ -87,9 +87,9 @@ class Clip(ImageText):
            ) -> tuple[jax.Array, dict, Any]:
     img, txt = self.embed(model, batch, ctx.rng)
     scale = jnp.exp(model.logit_scale[...])
-    fn = functools.partial(losses.clip_loss, axis_name=parallel.DATA_AXIS,
+    fn = functools.partial(losses.clip_loss, axis_name=parallel.BATCH_AXES,
                            label_smoothing=self.config.loss.get("label_smoothing", 0.0))
-    loss = parallel.sharded_loss(fn, self.mesh, (P(parallel.DATA_AXIS), P(parallel.DATA_AXIS), P())
+    loss = parallel.sharded_loss(fn, self.mesh, (P(parallel.BATCH_AXES), P(parallel.BATCH_AXES), P())
                                  )(img, txt, scale)
     return loss, {"logit_scale": scale}, extras
 
@@ -102,8 +102,8 @@ class SigLip(ImageText):
            ) -> tuple[jax.Array, dict, Any]:
     img, txt = self.embed(model, batch, ctx.rng)
     scale, bias = jnp.exp(model.logit_scale[...]), model.logit_bias[...]
-    fn = functools.partial(losses.siglip_loss, axis_name=parallel.DATA_AXIS)
-    d = P(parallel.DATA_AXIS)
+    fn = functools.partial(losses.siglip_loss, axis_name=parallel.BATCH_AXES)
+    d = P(parallel.BATCH_AXES)
     loss = parallel.sharded_loss(fn, self.mesh, (d, d, P(), P()))(img, txt, scale, bias)
     return loss, {"logit_scale": scale, "logit_bias": bias}, extras
 
@@ -132,8 +132,8 @@ class Slip(Clip):
         model.image(device_ops.photometric(views[:, i], jax.random.fold_in(k_aug, i), preset),
                     train=True, rng=r)["pooled"], train=True)) for i, r in ((0, k1), (1, k2))]
     fn = functools.partial(losses.nt_xent_loss, temperature=self.config.loss.ssl_temperature,
-                           axis_name=parallel.DATA_AXIS)
-    d = P(parallel.DATA_AXIS)
+                           axis_name=parallel.BATCH_AXES)
+    d = P(parallel.BATCH_AXES)
     ssl = parallel.sharded_loss(fn, self.mesh, (d, d))(*z)
     w = self.config.loss.ssl_weight
     return clip + w * ssl, {**m, "clip_loss": clip, "ssl_loss": ssl}, extras
@@ -153,7 +153,7 @@ class UniCl(Clip):
     scale = jnp.exp(model.logit_scale[...])
     labels = batch["label"]
     labels = jnp.where(labels < 0, -1 - jnp.arange(labels.shape[0]), labels)
-    fn = functools.partial(losses.unicl_loss, axis_name=parallel.DATA_AXIS)
-    d = P(parallel.DATA_AXIS)
+    fn = functools.partial(losses.unicl_loss, axis_name=parallel.BATCH_AXES)
+    d = P(parallel.BATCH_AXES)
     loss = parallel.sharded_loss(fn, self.mesh, (d, d, d, P()))(img, txt, labels, scale)
     return loss, {"logit_scale": scale}, extras

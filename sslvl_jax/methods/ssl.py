@@ -16,7 +16,7 @@ from sslvl_jax.data import device_ops
 from sslvl_jax.errors import ConfigError
 from sslvl_jax.methods.base import Method
 
-DATA = P(parallel.DATA_AXIS)
+DATA = P(parallel.BATCH_AXES)
 
 
 class SSLModel(nnx.Module):
@@ -35,7 +35,7 @@ class SSLModel(nnx.Module):
 
 def global_batch(fn: Callable[..., jax.Array], mesh: Any, *specs: Any) -> Callable[..., jax.Array]:
   """`fn` (a losses.* function) on the global batch: shard_map over the data axis."""
-  return parallel.sharded_loss(functools.partial(fn, axis_name=parallel.DATA_AXIS), mesh, specs)
+  return parallel.sharded_loss(functools.partial(fn, axis_name=parallel.BATCH_AXES), mesh, specs)
 
 
 class SSLMethod(Method):

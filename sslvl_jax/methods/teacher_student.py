@@ -98,7 +98,7 @@ class Dino(TeacherMixin, SSLMethod):
     teacher = jax.lax.stop_gradient(self.logits(teacher_net, [globals_], True, None))
     cfg = self.config.loss
     t_temp = self.teacher_temp(ctx.step)
-    spec3 = P(None, parallel.DATA_AXIS, None)
+    spec3 = P(None, parallel.BATCH_AXES, None)
     args = (student, teacher, extras["center"], cfg.student_temp, t_temp)
     loss = global_batch(losses.dino_loss, self.mesh, spec3, spec3, P(), P(), P())(*args)
     mon = global_batch(losses.dino_monitors, self.mesh, spec3, spec3, P(), P(), P())
