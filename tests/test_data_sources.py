@@ -20,6 +20,7 @@ from sslvl_jax import data, parallel, train
 from sslvl_jax.data import convert, sources
 from sslvl_jax.data.tokenizer import Tokenizer
 from sslvl_jax.errors import ConfigError
+from tests.shards import write_tar
 
 SIZE = 16  # every test image is SIZE x SIZE unless it tests another size: eval transforms keep it
 
@@ -146,15 +147,6 @@ def test_caption_table(tmp_path, ext):
     data.source(_text_cfg("csv", str(tmp_path / f"pairs.{ext}"), caption_column="caption"), "train")
 
 
-def _tar(path, members: list[tuple[str, bytes]]) -> str:
-  with tarfile.open(path, "w") as tar:
-    for name, blob in members:
-      info = tarfile.TarInfo(name)
-      info.size = len(blob)
-      tar.addfile(info, io.BytesIO(blob))
-  return str(path)
-
-
 def _sample(key: str, seed: int, caption: str) -> list[tuple[str, bytes]]:
   """img2dataset layout: {key}.jpg, {key}.txt, {key}.json."""
   return [(f"{key}.jpg", _encode(Image.fromarray(_pixels(seed)), "JPEG", quality=95)),
@@ -164,9 +156,9 @@ def _sample(key: str, seed: int, caption: str) -> list[tuple[str, bytes]]:
 def test_webdataset_shards(tmp_path):
   shard0 = _sample("000000000", 1, "one") + _sample("000000001", 2, "two")
   shard1 = _sample("000010000", 3, "three") + [("000010001.jpg", shard0[0][1])]  # no caption
-  _tar(tmp_path / "laion-00000.tar", shard0)
-  _tar(tmp_path / "laion-00001.tar", shard1)
-  _tar(tmp_path / "laion-00002.tar", _sample("000020000", 4, "not listed"))
+  write_tar(tmp_path / "laion-00000.tar", shard0)
+  write_tar(tmp_path / "laion-00001.tar", shard1)
+  write_tar(tmp_path / "laion-00002.tar", _sample("000020000", 4, "not listed"))
   cfg = _text_cfg("webdataset", str(tmp_path / "laion-{00000..00001}.tar"))
   src = data.source(cfg, "train")
   assert len(src) == 4

@@ -16,7 +16,6 @@ import re
 import socket
 import subprocess
 import sys
-import tarfile
 import time
 
 import numpy as np
@@ -25,6 +24,7 @@ from etils import epath
 from PIL import Image
 
 from sslvl_jax.data import builtin
+from tests.shards import write_tar
 
 pytest.importorskip("gcp_storage_emulator")
 pytest.importorskip("gcsfs")
@@ -142,22 +142,19 @@ def _params(workdir: str, step: int) -> list[np.ndarray]:
 
 
 @pytest.mark.slow
-def test_gs_webdataset_shards_stream_and_train(gcs_env):
+def test_gs_webdataset_shards_stream_and_train(gcs_env, tmp_path):
   """Shards in the bucket: training streams them (data.streaming), zero-shot reads them indexed."""
   bucket = storage.Client().bucket(BUCKET)
   digits = builtin.DigitsSource("train")
   for s in range(2):
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w") as tar:
-      for i in range(16 * s, 16 * s + 16):
-        png = io.BytesIO()
-        Image.fromarray(digits[i]["image"]).save(png, format="PNG")
-        for ext, blob in (("png", png.getvalue()), ("txt", digits[i]["text"].encode()),
-                          ("cls", str(digits[i]["label"]).encode())):
-          info = tarfile.TarInfo(f"{i:05d}.{ext}")
-          info.size = len(blob)
-          tar.addfile(info, io.BytesIO(blob))
-    bucket.blob(f"wds/s-{s:02d}.tar").upload_from_string(buf.getvalue())
+    members = []
+    for i in range(16 * s, 16 * s + 16):
+      png = io.BytesIO()
+      Image.fromarray(digits[i]["image"]).save(png, format="PNG")
+      members += [(f"{i:05d}.png", png.getvalue()), (f"{i:05d}.txt", digits[i]["text"].encode()),
+                  (f"{i:05d}.cls", str(digits[i]["label"]).encode())]
+    shard = write_tar(tmp_path / f"s-{s:02d}.tar", members)
+    bucket.blob(f"wds/s-{s:02d}.tar").upload_from_filename(shard)
   r = _cli("sslvl_jax.main", [*ARGS, f"--workdir=gs://{BUCKET}/wds_run",
                               "--config.data.name=webdataset", "--config.data.streaming=True",
                               "--config.data.num_examples=32",

@@ -6,7 +6,6 @@ from __future__ import annotations
 import builtins
 import io
 import json
-import tarfile
 
 import numpy as np
 import pytest
@@ -16,6 +15,7 @@ from PIL import Image
 from sslvl_jax import data
 from sslvl_jax.data import sources, streaming
 from sslvl_jax.errors import ConfigError
+from tests.shards import write_tar
 
 SIZE = 8
 
@@ -27,15 +27,6 @@ def _png(seed: int) -> bytes:
   return buf.getvalue()
 
 
-def _tar(path, members: list[tuple[str, bytes]]) -> str:
-  with tarfile.open(path, "w") as tar:
-    for name, blob in members:
-      info = tarfile.TarInfo(name)
-      info.size = len(blob)
-      tar.addfile(info, io.BytesIO(blob))
-  return str(path)
-
-
 def _sample(i: int) -> list[tuple[str, bytes]]:
   """Sample i: {i:06d}.png + .txt (caption of digit words) + .cls (label i)."""
   words = " ".join(["zero", "one", "two", "three"][int(d) % 4] for d in str(i))
@@ -45,7 +36,8 @@ def _sample(i: int) -> list[tuple[str, bytes]]:
 
 def _shards(tmp_path, sizes: list[int]) -> list[str]:
   """Shards s-XX.tar, shard s holding samples 100 * s, 100 * s + 1, ..."""
-  return [_tar(tmp_path / f"s-{s:02d}.tar", [m for i in range(n) for m in _sample(100 * s + i)])
+  return [write_tar(tmp_path / f"s-{s:02d}.tar",
+                    [m for i in range(n) for m in _sample(100 * s + i)])
           for s, n in enumerate(sizes)]
 
 
@@ -156,12 +148,12 @@ def test_exact_resume(tmp_path, resampled, shuffle_buffer):
 def test_bad_members_and_shards_are_skipped_and_counted(tmp_path):
   bad = (_sample(0) + [("000001.png", b"not a png"), ("000001.txt", b"one")]
          + _sample(2)[:1] + [("000003.txt", b"three")] + _sample(4))  # corrupt, no text, no image
-  cut = _tar(tmp_path / "cut.tar", _sample(10) + _sample(11))
+  cut = write_tar(tmp_path / "cut.tar", _sample(10) + _sample(11))
   blob = open(cut, "rb").read()
   with open(cut, "wb") as f:
     f.write(blob[:blob.index(_png(11)) + 30])  # truncated inside sample 11's image
-  paths = [_tar(tmp_path / "bad.tar", bad), str(tmp_path / "missing.tar"), cut,
-           _tar(tmp_path / "good.tar", _sample(20))]
+  paths = [write_tar(tmp_path / "bad.tar", bad), str(tmp_path / "missing.tar"), cut,
+           write_tar(tmp_path / "good.tar", _sample(20))]
   ds = streaming.make_streaming_dataset(paths, _text_transform(train=False), local_batch_size=2,
                                         seed=0, train=False, process_index=0, process_count=1)
   batches = list(ds)
@@ -188,7 +180,7 @@ def test_start_up_opens_no_file(tmp_path, train, resampled):
   json.dumps(it.get_state())
   assert not calls
   if not train:  # the first batch opens only the shard it comes from
-    _tar(paths[0], _sample(0) + _sample(1) + _sample(2))
+    write_tar(paths[0], _sample(0) + _sample(1) + _sample(2))
     assert list(next(it)["label"]) == [0, 1] and calls == [paths[0]]
 
 

@@ -171,6 +171,15 @@ class CaptionTable:
     return rec
 
 
+def member_key(name: str) -> tuple[str, str] | None:
+  """(key, lowercased ext) of a webdataset member name cut at its basename's first dot, or None."""
+  head, base = os.path.split(name)
+  if "." not in base:
+    return None
+  stem, ext = base.split(".", 1)
+  return os.path.join(head, stem), ext.lower()
+
+
 class TarShards:
   """webdataset tar shards as written by img2dataset ({key}.jpg + {key}.txt), random access.
 
@@ -200,12 +209,11 @@ class TarShards:
     try:
       with epath.Path(shard).open("rb") as f, tarfile.open(fileobj=f, mode="r:") as tar:
         for m in tar:
-          base = os.path.basename(m.name)
-          if not m.isfile() or "." not in base:
+          parts = member_key(m.name) if m.isfile() else None
+          if parts is None:
             continue
-          stem, ext = base.split(".", 1)
-          key = os.path.join(os.path.dirname(m.name), stem)
-          groups.setdefault(key, {})[ext.lower()] = (m.offset_data, m.size)
+          key, ext = parts
+          groups.setdefault(key, {})[ext] = (m.offset_data, m.size)
     except (tarfile.TarError, OSError) as e:  # a truncated shard keeps what was readable
       logging.warning("shard %s is damaged after %d samples: %s", shard, len(groups), e)
     return [(k, v) for k, v in groups.items() if any(e in v for e in self.image_exts)]

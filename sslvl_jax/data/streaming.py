@@ -39,7 +39,7 @@ import jax
 import numpy as np
 
 from sslvl_jax.data.pipeline import log_unreadable
-from sslvl_jax.data.sources import brace_expand
+from sslvl_jax.data.sources import brace_expand, member_key
 from sslvl_jax.errors import ConfigError, RunError
 
 OpenFn = Callable[[str, str], Any]
@@ -154,18 +154,17 @@ class StreamingTarDataset(grain.IterDataset):
       try:
         with tarfile.open(fileobj=f, mode="r|*") as tar:
           for m in tar:
-            stem = os.path.basename(m.name)
-            if not m.isfile() or "." not in stem:
+            parts = member_key(m.name) if m.isfile() else None
+            if parts is None:
               continue
-            stem, ext = stem.split(".", 1)
-            k = os.path.join(os.path.dirname(m.name), stem)
+            k, ext = parts
             if k != key:
               if key is not None and index >= sample:
                 yield index, start, self.record(path, key, members)
               index += key is not None
               key, members, start = k, {}, base + m.offset
             if index >= sample:
-              members[ext.lower()] = self.member(tar, m)
+              members[ext] = self.member(tar, m)
       except Exception as e:  # pylint: disable=broad-except  # a damaged shard ends there
         log_unreadable(f"{path} after {index - sample} samples", e)
         if key is not None and index >= sample:
