@@ -27,54 +27,168 @@ def _cross_entropy(logits: jax.Array, labels: jax.Array, label_smoothing: float 
   return nll
 
 
+_MASK_LOGIT = 1e9  # SimCLR's LARGE_NUM: removes a sample's similarity to itself
+
+
+def _check_chunk_size(n: int, chunk_size: int, what: str = "global batch") -> None:
+  """Raise a clear error when `chunk_size` does not split the `n` streamed columns evenly."""
+  if chunk_size < 0:
+    raise ValueError(f"chunk_size={chunk_size} must be >= 0 (0: the dense loss)")
+  if chunk_size and n % chunk_size:
+    example = max(c for c in range(1, min(n, chunk_size) + 1) if n % c == 0)
+    raise ValueError(f"chunk_size={chunk_size} does not divide the {what} of {n}; set chunk_size "
+                     f"to a divisor of {n} (e.g. {example}) or to 0 for the dense loss")
+
+
+def _row_dot(rows: jax.Array, cols: jax.Array, scale: float | jax.Array) -> jax.Array:
+  """Per-row logit scale * <rows_i, cols_i> in f32 (cols may broadcast, e.g. a column mean)."""
+  return scale * jnp.sum(rows.astype(jnp.float32) * cols.astype(jnp.float32), axis=-1)
+
+
+def _streamed_row_stats(rows: jax.Array, cols: jax.Array, scale: float | jax.Array,
+                        chunk_size: int, *, masked_cols: jax.Array | None = None,
+                        row_keys: jax.Array | None = None, col_keys: jax.Array | None = None
+                        ) -> tuple[jax.Array, jax.Array | None, jax.Array | None]:
+  """Row statistics of the logits scale * rows @ cols.T without materialising them.
+
+  Streams over `cols` (n, d) in chunks of `chunk_size` rows with a running f32 log-sum-exp; the
+  chunk body is rematerialised in the backward pass, so only (b, chunk_size) logits ever exist.
+  Returns (lse, key_sum, key_count): each row's log-sum-exp, where column masked_cols[i] of row i
+  gets -_MASK_LOGIT (NT-Xent's self-mask); with keys, the sum and number of row i's logits over the
+  columns j with col_keys[j] == row_keys[i] (None without keys).
+  """
+  _check_chunk_size(cols.shape[0], chunk_size)
+  n, d = cols.shape
+  n_chunks = n // chunk_size
+  xs = {"cols": cols.reshape(n_chunks, chunk_size, d),
+        "start": jnp.arange(n_chunks, dtype=jnp.int32) * chunk_size}
+  with_keys = row_keys is not None
+  if with_keys:
+    xs["keys"] = col_keys.reshape(n_chunks, chunk_size)
+
+  def body(carry, x):
+    run_max, run_sum, key_sum, key_count = carry
+    logits = (scale * rows @ x["cols"].T).astype(jnp.float32)
+    if masked_cols is not None:
+      col = x["start"] + jnp.arange(chunk_size, dtype=jnp.int32)
+      logits = logits - jnp.where(masked_cols[:, None] == col[None, :], _MASK_LOGIT, 0.0)
+    # The shift is a constant of the log-sum-exp: no gradient through it.
+    new_max = jax.lax.stop_gradient(jnp.maximum(run_max, logits.max(axis=-1)))
+    run_sum = (run_sum * jnp.exp(run_max - new_max)
+               + jnp.exp(logits - new_max[:, None]).sum(axis=-1))
+    if with_keys:
+      match = row_keys[:, None] == x["keys"][None, :]
+      key_sum = key_sum + jnp.where(match, logits, 0.0).sum(axis=-1)
+      key_count = key_count + match.sum(axis=-1, dtype=jnp.float32)
+    return (new_max, run_sum, key_sum, key_count), None
+
+  # Built from the local rows so that inside shard_map the carry varies over the same axes as
+  # the body's output.
+  zeros = jnp.zeros_like(rows[:, 0], jnp.float32)
+  init = (jnp.full_like(zeros, -jnp.inf), zeros, zeros, zeros)
+  (run_max, run_sum, key_sum, key_count), _ = jax.lax.scan(
+      jax.checkpoint(body, prevent_cse=False), init, xs)
+  lse = run_max + jnp.log(run_sum)
+  return (lse, key_sum, key_count) if with_keys else (lse, None, None)
+
+
+def _streamed_cross_entropy(rows: jax.Array, pos_cols: jax.Array, cols_all: jax.Array,
+                            scale: float | jax.Array, chunk_size: int,
+                            label_smoothing: float = 0.0) -> jax.Array:
+  """Streamed `_cross_entropy` of scale * rows @ cols_all.T; row i's positive is pos_cols[i]."""
+  lse = _streamed_row_stats(rows, cols_all, scale, chunk_size)[0]
+  nll = lse - _row_dot(rows, pos_cols, scale)
+  if label_smoothing:  # the row mean of the logits is the logit of the column mean
+    mean_logit = _row_dot(rows, cols_all.astype(jnp.float32).mean(axis=0), scale)
+    nll = (1.0 - label_smoothing) * nll - label_smoothing * (mean_logit - lse)
+  return nll
+
+
 def clip_loss(img: jax.Array, txt: jax.Array, logit_scale: jax.Array, *,
-              axis_name: str | None = None, label_smoothing: float = 0.0) -> jax.Array:
-  """Symmetric InfoNCE (CLIP/ALIGN) over the global batch; local x global logits per device.
+              axis_name: str | None = None, label_smoothing: float = 0.0,
+              chunk_size: int = 0) -> jax.Array:
+  """Symmetric InfoNCE (CLIP/ALIGN) over the global batch; local x global (or x chunk) logits.
 
   Args:
     img, txt: local (b, d) L2-normalised embeddings; row i of each is a positive pair.
     logit_scale: the multiplier applied to cosine similarities (exp of the learnable log scale).
     label_smoothing: ALIGN uses 0.1.
+    chunk_size: 0 materialises the (b, global) logits; N > 0 streams them N gathered columns at a
+      time (N must divide the global batch), so only (b, N) logits exist, also in the backward pass.
   """
   b = img.shape[0]
   img_all = parallel.all_gather(img, axis_name)
   txt_all = parallel.all_gather(txt, axis_name)
+  n = b * parallel.axis_size(axis_name)
+  if chunk_size:
+    total = (_streamed_cross_entropy(img, txt, txt_all, logit_scale, chunk_size,
+                                     label_smoothing).sum()
+             + _streamed_cross_entropy(txt, img, img_all, logit_scale, chunk_size,
+                                       label_smoothing).sum())
+    return parallel.psum(total, axis_name) / (2 * n)
   labels = parallel.axis_index(axis_name) * b + jnp.arange(b)
   logits_i2t = logit_scale * img @ txt_all.T
   logits_t2i = logit_scale * txt @ img_all.T
   total = (_cross_entropy(logits_i2t, labels, label_smoothing).sum()
            + _cross_entropy(logits_t2i, labels, label_smoothing).sum())
-  n = b * parallel.axis_size(axis_name)
   return parallel.psum(total, axis_name) / (2 * n)
 
 
+def _siglip_block(img: jax.Array, txt_block: jax.Array, logit_scale: jax.Array,
+                  logit_bias: jax.Array, positive: bool, chunk: int) -> jax.Array:
+  """Sigmoid loss summed over the (b, b) block img x txt_block, in (b, chunk) pieces.
+
+  Pairs on the block's diagonal are positives when `positive`; each piece is rematerialised in the
+  backward pass, so no piece of logits is kept for it.
+  """
+  b = img.shape[0]
+
+  def piece(cols: jax.Array, start: jax.Array) -> jax.Array:
+    logits = (logit_scale * img @ cols.T + logit_bias).astype(jnp.float32)
+    if positive:
+      diagonal = jnp.arange(b)[:, None] == start + jnp.arange(chunk)[None, :]
+      logits = jnp.where(diagonal, -logits, logits)
+    return -jax.nn.log_sigmoid(-logits).sum()  # negatives: -log sigmoid(-z)
+
+  piece = jax.checkpoint(piece, prevent_cse=False)
+  if chunk == b:
+    return piece(txt_block, jnp.int32(0))
+  n_pieces = b // chunk
+  starts = jnp.arange(n_pieces, dtype=jnp.int32) * chunk
+  pieces = txt_block.reshape(n_pieces, chunk, txt_block.shape[1])
+  return jax.lax.scan(lambda _, x: (None, piece(*x)), None, (pieces, starts))[1].sum()
+
+
 def siglip_loss(img: jax.Array, txt: jax.Array, logit_scale: jax.Array, logit_bias: jax.Array, *,
-                axis_name: str | None = None) -> jax.Array:
+                axis_name: str | None = None, chunk_size: int = 0) -> jax.Array:
   """Pairwise sigmoid loss (SigLIP), chunked around the device ring.
 
-  Text chunks travel around the ring with `ppermute`, so each device only ever holds a (b, b)
-  block of logits. Pairs on the diagonal of the device's own chunk are positives (+1), all other
+  Text chunks travel around the ring with `ppermute` in a loop (program size independent of the
+  device count), so each device only ever holds a (b, b) block of logits, recomputed in the backward
+  pass; chunk_size N > 0 (a divisor of the local batch b; N > b means b) splits each block into
+  (b, N) pieces. Pairs on the diagonal of the device's own chunk are positives (+1), all other
   pairs of the global batch are negatives (-1). Normalised by the global batch size, as in the paper.
   """
   b = img.shape[0]
   n_dev = parallel.axis_size(axis_name)
+  chunk = min(chunk_size, b) if chunk_size else b
+  _check_chunk_size(b, chunk_size and chunk, "local batch (global batch / devices)")
 
-  def block(txt_chunk, positive):
-    logits = (logit_scale * img @ txt_chunk.T + logit_bias).astype(jnp.float32)
-    signs = jnp.where(positive, 2.0 * jnp.eye(b) - 1.0, -1.0)
-    return -jax.nn.log_sigmoid(signs * logits).sum()
+  def block(txt_block, positive):
+    return _siglip_block(img, txt_block, logit_scale, logit_bias, positive, chunk)
+
+  def ring_step(_, carry):
+    txt_block, total = carry
+    txt_block = parallel.ring_shift(txt_block, axis_name)
+    return txt_block, total + block(txt_block, False)
 
   total = block(txt, True)
-  chunk = txt
-  for _ in range(n_dev - 1):
-    chunk = parallel.ring_shift(chunk, axis_name)
-    total = total + block(chunk, False)
+  if n_dev > 1:
+    total = jax.lax.fori_loop(0, n_dev - 1, ring_step, (txt, total))[1]
   return parallel.psum(total, axis_name) / (b * n_dev)
 
 
 # ---- self-supervised and label-aware contrastive losses ---------------------------------------
-
-_MASK_LOGIT = 1e9  # SimCLR's LARGE_NUM: removes a sample's similarity to itself
 
 
 def _global_mean(x: jax.Array, axis_name: str | None, axis: int | tuple[int, ...] | None = None
@@ -112,18 +226,28 @@ def _off_diagonal_sq_sum(c: jax.Array) -> jax.Array:
 
 
 def nt_xent_loss(z1: jax.Array, z2: jax.Array, temperature: float | jax.Array, *,
-                 axis_name: str | None = None) -> jax.Array:
+                 axis_name: str | None = None, chunk_size: int = 0) -> jax.Array:
   """SimCLR NT-Xent over the global batch; the two directions are SUMMED as in the reference.
 
   Args:
     z1, z2: local (b, d) L2-normalised projections of the two views; row i of each is a pair.
     temperature: tau (0.1 reference ImageNet flag, 0.5 its CIFAR command, 0.2 solo-learn).
   Each row's logits are [z_a . z_b_all, z_a . z_a_all (self masked)] / tau, both halves gathered with
-  gradient; the loss is mean(loss_a + loss_b) over the global batch.
+  gradient; the loss is mean(loss_a + loss_b) over the global batch. chunk_size N > 0 streams both
+  halves N gathered columns at a time (as in `clip_loss`).
   """
   z1, z2 = z1.astype(jnp.float32), z2.astype(jnp.float32)
   z1_all, z2_all = parallel.all_gather(z1, axis_name), parallel.all_gather(z2, axis_name)
   labels = _global_labels(z1.shape[0], axis_name)
+  if chunk_size:
+    def streamed_direction(za, zb, za_all, zb_all):
+      lse_ab = _streamed_row_stats(za, zb_all, 1.0 / temperature, chunk_size)[0]
+      lse_aa = _streamed_row_stats(za, za_all, 1.0 / temperature, chunk_size,
+                                   masked_cols=labels)[0]
+      return jnp.logaddexp(lse_ab, lse_aa) - _row_dot(za, zb, 1.0 / temperature)
+
+    return _global_mean(streamed_direction(z1, z2, z1_all, z2_all)
+                        + streamed_direction(z2, z1, z2_all, z1_all), axis_name)
   self_mask = _MASK_LOGIT * jax.nn.one_hot(labels, z1_all.shape[0])
 
   def direction(za, za_all, zb_all):
@@ -159,17 +283,22 @@ def simsiam_loss(p1: jax.Array, p2: jax.Array, z1: jax.Array, z2: jax.Array, *,
 
 
 def moco_v3_loss(q1: jax.Array, q2: jax.Array, k1: jax.Array, k2: jax.Array,
-                 temperature: float | jax.Array, *, axis_name: str | None = None) -> jax.Array:
+                 temperature: float | jax.Array, *, axis_name: str | None = None,
+                 chunk_size: int = 0) -> jax.Array:
   """MoCo v3: ctr(q1, k2) + ctr(q2, k1), ctr = 2T * CE(q . k_all / T, own key) over the global batch.
 
   Inputs are RAW local (b, d) queries (predictor outputs) and keys (momentum-encoder projections);
   both are L2-normalised here, as in the reference `contrastive_loss`. Keys are gathered without
-  gradient. T is 0.2 for ViT and 1.0 for ResNet-50.
+  gradient. T is 0.2 for ViT and 1.0 for ResNet-50. chunk_size N > 0 streams the logits N gathered
+  keys at a time (as in `clip_loss`).
   """
   labels = _global_labels(q1.shape[0], axis_name)
 
   def ctr(q, k):
-    k_all = parallel.all_gather(jax.lax.stop_gradient(_l2_normalize(k)), axis_name)
+    k = jax.lax.stop_gradient(_l2_normalize(k))
+    k_all = parallel.all_gather(k, axis_name)
+    if chunk_size:
+      return _streamed_cross_entropy(_l2_normalize(q), k, k_all, 1.0 / temperature, chunk_size)
     return _cross_entropy(_l2_normalize(q) @ k_all.T / temperature, labels)
 
   return 2.0 * temperature * _global_mean(ctr(q1, k2) + ctr(q2, k1), axis_name)
@@ -313,19 +442,31 @@ def vicreg_loss(x: jax.Array, y: jax.Array, sim_coeff: float = 25.0, std_coeff: 
 
 
 def unicl_loss(img: jax.Array, txt: jax.Array, labels: jax.Array, logit_scale: jax.Array, *,
-               axis_name: str | None = None) -> jax.Array:
+               axis_name: str | None = None, chunk_size: int = 0) -> jax.Array:
   """UniCL: image-text-label contrastive loss; every global pair sharing a label is a positive.
 
   Args:
     img, txt: local (b, d) L2-normalised embeddings. labels: local (b,) ints; give each plain
       image-text pair its own unique label. logit_scale: as in `clip_loss`.
   Targets are uniform over each row's positives in the GLOBAL batch; the two directions are averaged,
-  so with all labels distinct this is `clip_loss`.
+  so with all labels distinct this is `clip_loss`. chunk_size N > 0 streams the logits and the
+  targets N gathered columns at a time (as in `clip_loss`).
   """
   img_all, txt_all = parallel.all_gather(img, axis_name), parallel.all_gather(txt, axis_name)
+  n = img.shape[0] * parallel.axis_size(axis_name)
+  if chunk_size:
+    labels_all = parallel.all_gather(labels, axis_name)
+
+    def direction(rows, cols_all):
+      # CE against uniform targets over the positives: lse - mean logit of the positives.
+      lse, pos_sum, pos_count = _streamed_row_stats(rows, cols_all, logit_scale, chunk_size,
+                                                    row_keys=labels, col_keys=labels_all)
+      return lse - pos_sum / pos_count
+
+    total = direction(img, txt_all).sum() + direction(txt, img_all).sum()
+    return parallel.psum(total, axis_name) / (2 * n)
   positives = (labels[:, None] == parallel.all_gather(labels, axis_name)[None, :])
   targets = positives / positives.sum(axis=-1, keepdims=True)
   total = (_soft_cross_entropy(logit_scale * img @ txt_all.T, targets).sum()
            + _soft_cross_entropy(logit_scale * txt @ img_all.T, targets).sum())
-  n = img.shape[0] * parallel.axis_size(axis_name)
   return parallel.psum(total, axis_name) / (2 * n)
