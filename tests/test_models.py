@@ -1,5 +1,7 @@
 """ViT and text-tower behaviour."""
 
+import logging
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -7,6 +9,7 @@ import pytest
 from flax import nnx
 
 from sslvl_jax import models
+from sslvl_jax.models import layers
 from sslvl_jax.models.text import pool_positions
 from sslvl_jax.models.vit import sincos_2d
 
@@ -61,3 +64,80 @@ def test_bad_image_shape_is_named():
 def test_unknown_model_lists_known_names():
   with pytest.raises(KeyError, match="vit_b16"):  # ConfigError is a KeyError
     models.build("vit_huge99", rngs=nnx.Rngs(0))
+
+
+def _qkv(t: int, seed: int = 0) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """Random (2, t, 2 heads, 16) query, key and value."""
+  keys = jax.random.split(jax.random.key(seed), 3)
+  return tuple(jax.random.normal(k, (2, t, 2, 16)) for k in keys)
+
+
+@pytest.mark.parametrize("t", [197, 77])
+@pytest.mark.parametrize("causal", [False, True])
+def test_padded_attention_matches_unpadded(t: int, causal: bool):
+  q, k, v = _qkv(t)
+  mask = jax.random.bernoulli(jax.random.key(1), 0.7, (2, 1, 1, t)).at[:, :, :, 0].set(True)
+  w = jax.random.normal(jax.random.key(2), q.shape)
+
+  @jax.jit
+  def run(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> list[jax.Array]:
+    """Unpadded and padded outputs (without and with a mask), and their q/k/v gradients."""
+    plain = lambda q, k, v, m: jax.nn.dot_product_attention(q, k, v, mask=m, is_causal=causal,
+                                                            implementation="xla")
+    padded = lambda q, k, v, m: layers.attend(q, k, v, mask=m, is_causal=causal,
+                                              implementation="xla", pad_to=8)
+    outs = [fn(q, k, v, m) for m in (None, mask) for fn in (plain, padded)]
+    grads = [jax.grad(lambda q, k, v: jnp.sum(w * fn(q, k, v, None)), argnums=(0, 1, 2))(q, k, v)
+             for fn in (plain, padded)]
+    return outs + [g for gs in grads for g in gs]
+
+  res = run(q, k, v, mask)
+  for a, b in zip(res[0:4:2], res[1:4:2]):
+    np.testing.assert_allclose(b, a, rtol=1e-6, atol=1e-6)
+  # a 2-d (t, t) mask is padded as well
+  m2 = jnp.tril(jnp.ones((t, t), bool))
+  np.testing.assert_allclose(
+      layers.attend(q, k, v, mask=m2, implementation="xla", pad_to=8),
+      jax.nn.dot_product_attention(q, k, v, mask=m2), rtol=1e-6, atol=1e-6)
+  # the padded tokens get no gradient either: same gradients w.r.t. the real q, k, v
+  for a, b in zip(res[4:7], res[7:10]):
+    np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-6)
+
+
+def test_float32_cudnn_request_off_gpu_warns_once_and_uses_xla(monkeypatch, caplog):
+  monkeypatch.setattr(layers, "_warned", set())
+  attn = layers.Attention(32, 2, implementation="cudnn", rngs=nnx.Rngs(0))
+  x = jax.random.normal(jax.random.key(1), (2, 197, 32))
+  with caplog.at_level(logging.WARNING):
+    y1, y2 = attn(x), attn(x[:, :77], is_causal=True)
+  warnings = [r.getMessage() for r in caplog.records
+              if "cuDNN attention unavailable" in r.getMessage()]
+  assert len(warnings) == 1, warnings
+  assert f"backend is {jax.default_backend()}" in warnings[0]
+  attn.implementation = "xla"
+  np.testing.assert_array_equal(y1, attn(x))
+  np.testing.assert_array_equal(y2, attn(x[:, :77], is_causal=True))
+
+
+def test_cudnn_unavailable_names_each_reason():
+  assert layers.cudnn_unavailable("tpu", jnp.bfloat16, 64) == "backend is tpu"
+  assert "float32" in layers.cudnn_unavailable("gpu", jnp.float32, 64, "9.0")
+  assert layers.cudnn_unavailable("gpu", jnp.bfloat16, 64, "8.0") is None
+  assert layers.cudnn_unavailable("gpu", jnp.float16, 128, "8.6") is None
+  assert "head dim 68" in layers.cudnn_unavailable("gpu", jnp.bfloat16, 68, "9.0")
+  assert "at most 128" in layers.cudnn_unavailable("gpu", jnp.bfloat16, 192, "8.0")
+  assert layers.cudnn_unavailable("gpu", jnp.bfloat16, 192, "9.0") is None
+  assert "compute capability" in layers.cudnn_unavailable("gpu", jnp.bfloat16, 64, None)
+  with pytest.raises(ValueError, match="'flash'"):
+    layers.resolve_attention_impl("flash", dtype=jnp.bfloat16, head_dim=64)
+
+
+def test_attention_weights_reproduce_the_attention_output():
+  attn = layers.Attention(32, 2, implementation="cudnn", rngs=nnx.Rngs(0))
+  x = jax.random.normal(jax.random.key(1), (2, 197, 32))
+  w = attn.weights(x)
+  assert w.shape == (2, 2, 197, 197)
+  np.testing.assert_allclose(w.sum(-1), 1.0, rtol=1e-6)
+  _, _, v = attn._qkv(x)
+  y = attn.out(jnp.einsum("bhqk,bkhd->bqhd", w, v).reshape(x.shape))
+  np.testing.assert_allclose(y, attn(x), rtol=1e-5, atol=1e-6)

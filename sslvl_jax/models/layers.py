@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from typing import Callable
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -20,30 +20,110 @@ ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
 }
 
 _warned: set[str] = set()
+CUDNN_SEQ_MULTIPLE = 8  # cuDNN attention runs on tokens padded to a multiple of this
+
+REMAT_POLICIES: dict[str, Callable[..., bool] | None] = {
+    "none": None,  # no rematerialisation
+    "block": jax.checkpoint_policies.nothing_saveable,
+    "dots_saveable": jax.checkpoint_policies.dots_saveable,
+    "dots_with_no_batch_dims_saveable": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
 
 
-def resolve_attention_impl(requested: str | None, seq_len: int) -> str | None:
+def check_remat(remat: str) -> str:
+  """Validate a `remat` setting: 'none', 'block' or a named jax.checkpoint_policies policy."""
+  if remat not in REMAT_POLICIES:
+    raise ValueError(f"unknown remat {remat!r}; use one of {tuple(REMAT_POLICIES)}")
+  return remat
+
+
+def run_block(block: nnx.Module, remat: str, x: jax.Array, *, static: dict[str, Any] | None = None,
+              **arrays: jax.Array | None) -> jax.Array:
+  """`block(x, **arrays, **static)`, recomputed in the backward pass under the `remat` policy.
+
+  `arrays` (masks, rngs, None allowed) are traced through `nnx.remat`; `static` (Python flags such
+  as `train`, `is_causal`, `bn_groups`) are closed over. Variable updates inside the block
+  (BatchNorm statistics) propagate out as without remat.
+  """
+  static = static or {}
+  if check_remat(remat) == "none":
+    return block(x, **arrays, **static)
+
+  def apply(mdl: nnx.Module, x: jax.Array, arrays: dict[str, jax.Array | None]) -> jax.Array:
+    return mdl(x, **arrays, **static)
+
+  return nnx.remat(apply, policy=REMAT_POLICIES[remat])(block, x, arrays)
+
+
+def cudnn_unavailable(backend: str, dtype: Any, head_dim: int,
+                      compute_capability: str | None = None) -> str | None:
+  """Why cuDNN flash attention cannot run with these settings, or None when it can.
+
+  It needs an NVIDIA GPU (one with a CUDA compute capability), bf16/fp16 inputs and a head dim that
+  is a multiple of 8 and at most 128 (256 from Hopper, compute capability 9.0, on); the token count
+  is free, `Attention` pads it.
+  """
+  if backend != "gpu":
+    return f"backend is {backend}"
+  if not compute_capability:
+    return "the GPU has no CUDA compute capability"
+  dtype = jnp.dtype(dtype)
+  if dtype not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
+    return f"dtype is {dtype.name}; cuDNN flash attention needs bfloat16 or float16"
+  major = int(str(compute_capability).split(".")[0])
+  max_dim = 256 if major >= 9 else 128
+  if head_dim % 8 or head_dim > max_dim:
+    return f"head dim {head_dim} is not a multiple of 8 at most {max_dim}"
+  return None
+
+
+def resolve_attention_impl(requested: str | None, *, dtype: Any, head_dim: int) -> str | None:
   """Pick the `jax.nn.dot_product_attention` implementation; cuDNN only where it can run.
 
-  cuDNN flash attention needs a GPU and a token count that is a multiple of 8 (197 and 77 are
-  refused; pad with register tokens or use context 80). Anything else falls back to XLA, once
-  logged, so a config asking for cuDNN still runs on CPU/TPU.
+  Anything cuDNN cannot run (see `cudnn_unavailable`) falls back to XLA, logged once per reason, so
+  a config asking for cuDNN still runs on CPU/TPU and in float32.
   """
   if requested in (None, "xla"):
     return None if requested is None else "xla"
   if requested != "cudnn":
     raise ValueError(f"unknown attention implementation {requested!r}; use 'xla' or 'cudnn'")
-  reason = None
-  if jax.default_backend() != "gpu":
-    reason = f"backend is {jax.default_backend()}"
-  elif seq_len % 8:
-    reason = f"sequence length {seq_len} is not a multiple of 8"
+  backend = jax.default_backend()
+  capability = getattr(jax.devices()[0], "compute_capability", None) if backend == "gpu" else None
+  reason = cudnn_unavailable(backend, dtype, head_dim, capability)
   if reason is None:
     return "cudnn"
   if reason not in _warned:
     _warned.add(reason)
     logging.warning("cuDNN attention unavailable (%s); using XLA attention", reason)
   return "xla"
+
+
+def attend(q: jax.Array, k: jax.Array, v: jax.Array, *, implementation: str | None,
+           mask: jax.Array | None = None, is_causal: bool = False, pad_to: int = 1) -> jax.Array:
+  """`jax.nn.dot_product_attention` on (b, t, heads, dim), tokens padded to a multiple of `pad_to`.
+
+  With `pad_to` > 1 the zero-padded tokens are masked out by query/key-value sequence lengths and
+  the output sliced back, so the result equals the unpadded one; a `mask` is broadcast to (t, t)
+  and padded too (cuDNN wants the full query x key extent). Padding is at the end, so causal
+  attention never sees it either.
+  """
+  if pad_to <= 1:
+    return jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=is_causal,
+                                        implementation=implementation)
+  b, t = q.shape[:2]
+  pad = -t % pad_to
+  if mask is not None:
+    lead = mask.shape[:max(mask.ndim - 2, 0)]
+    mask = jnp.broadcast_to(mask, (1,) * (2 - len(lead)) + lead + (t, t))
+    mask = jnp.pad(mask, ((0, 0), (0, 0), (0, pad), (0, pad)), constant_values=False)
+  lengths = None
+  if pad:
+    q, k, v = (jnp.pad(a, ((0, 0), (0, pad), (0, 0), (0, 0))) for a in (q, k, v))
+    lengths = jnp.full((b,), t, jnp.int32)
+  y = jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=is_causal,
+                                   query_seq_lengths=lengths, key_value_seq_lengths=lengths,
+                                   implementation=implementation)
+  return y[:, :t]
 
 
 class Attention(nnx.Module):
@@ -69,8 +149,9 @@ class Attention(nnx.Module):
   def __call__(self, x: jax.Array, *, is_causal: bool = False,
                mask: jax.Array | None = None) -> jax.Array:
     q, k, v = self._qkv(x)
-    impl = resolve_attention_impl(self.implementation, x.shape[1])
-    y = jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=is_causal, implementation=impl)
+    impl = resolve_attention_impl(self.implementation, dtype=q.dtype, head_dim=q.shape[-1])
+    y = attend(q, k, v, implementation=impl, mask=mask, is_causal=is_causal,
+               pad_to=CUDNN_SEQ_MULTIPLE if impl == "cudnn" else 1)
     return self.out(y.reshape(x.shape))
 
   def weights(self, x: jax.Array) -> jax.Array:

@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from sslvl_jax.models.layers import Dtype
+from sslvl_jax.models.layers import Dtype, check_remat, run_block
 
 # depth -> (blocks per stage, bottleneck blocks?)
 RESNET_STAGES: dict[int, tuple[tuple[int, ...], bool]] = {
@@ -110,18 +110,22 @@ class ResNet(nnx.Module):
 
   `cifar_stem` replaces the 7x7/2 conv + max pool by solo-learn's CIFAR stem: a 3x3 stride-1 conv
   with padding 2 (32 px -> 34 px maps) and no max pool. `width_multiplier` scales every channel
-  count (SimCLR's ResNet-50 (2x)); it may be below 1 for tests.
+  count (SimCLR's ResNet-50 (2x)); it may be below 1 for tests. `remat` ('none', 'block' or a named
+  checkpoint policy, see layers.REMAT_POLICIES; 'dots_saveable' keeps the conv outputs) recomputes
+  each residual block in the backward pass; BatchNorm statistics update as without it.
   """
 
   def __init__(self, *, depth: int = 50, width_multiplier: float = 1.0,
                zero_init_residual: bool = False, cifar_stem: bool = False, in_channels: int = 3,
-               dtype: Dtype = jnp.float32, param_dtype: Dtype = jnp.float32, rngs: nnx.Rngs):
+               remat: str = "none", dtype: Dtype = jnp.float32, param_dtype: Dtype = jnp.float32,
+               rngs: nnx.Rngs):
     if depth not in RESNET_STAGES:
       raise ValueError(f"unknown ResNet depth {depth}; known: {sorted(RESNET_STAGES)}")
     stages, bottleneck = RESNET_STAGES[depth]
     kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     stem = max(1, int(64 * width_multiplier))
     self.cifar_stem = cifar_stem
+    self.remat = check_remat(remat)
     self.conv1 = conv(in_channels, stem, 3, 1, pad=2, **kw) if cifar_stem else conv(
         in_channels, stem, 7, 2, **kw)
     self.bn1 = BatchNorm(stem, **kw)
@@ -159,5 +163,5 @@ class ResNet(nnx.Module):
     x = self.stem(x, train=train, bn_groups=bn_groups)
     for s in range(1, self.num_stages + 1):
       for block in getattr(self, f"layer{s}"):
-        x = block(x, train=train, bn_groups=bn_groups)
+        x = run_block(block, self.remat, x, static=dict(train=train, bn_groups=bn_groups))
     return {"pooled": x.astype(jnp.float32).mean(axis=(1, 2)), "features": x}

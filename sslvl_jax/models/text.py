@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from sslvl_jax.models.layers import Block, Dtype
+from sslvl_jax.models.layers import Block, Dtype, check_remat, run_block
 
 POOLS = ("first_eot", "last_nonpad", "argmax", "first")
 
@@ -30,17 +30,23 @@ def pool_positions(tokens: jax.Array, pool: str, eot_id: int, pad_id: int) -> ja
 
 
 class TextTransformer(nnx.Module):
-  """Token + learned position embeddings, pre-norm blocks (causal by default), final norm, pooling."""
+  """Token + learned position embeddings, pre-norm blocks (causal by default), final norm, pooling.
+
+  `remat` ('none', 'block' or a named checkpoint policy, see layers.REMAT_POLICIES) recomputes each
+  block's activations in the backward pass.
+  """
 
   def __init__(self, *, vocab_size: int, context_length: int = 77, width: int = 512,
                depth: int = 12, num_heads: int = 8, mlp_dim: int | None = None,
                causal: bool = True, pool: str = "first_eot", eot_id: int = 3, pad_id: int = 0,
                ln_eps: float = 1e-5, act: str = "gelu", attention_impl: str | None = None,
-               dtype: Dtype = jnp.float32, param_dtype: Dtype = jnp.float32, rngs: nnx.Rngs):
+               remat: str = "none", dtype: Dtype = jnp.float32, param_dtype: Dtype = jnp.float32,
+               rngs: nnx.Rngs):
     if pool not in POOLS:
       raise ValueError(f"unknown text pool {pool!r}; use one of {POOLS}")
     self.context_length, self.causal, self.pool = context_length, causal, pool
     self.eot_id, self.pad_id = eot_id, pad_id
+    self.remat = check_remat(remat)
     self.token_embed = nnx.Embed(vocab_size, width, embedding_init=nnx.initializers.normal(0.02),
                                  dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     self.pos_embed = nnx.Param(nnx.initializers.normal(0.01)(rngs.params(), (context_length, width),
@@ -60,7 +66,7 @@ class TextTransformer(nnx.Module):
     if not self.causal:
       mask = (tokens != self.pad_id)[:, None, None, :]
     for blk in self.blocks:
-      x = blk(x, is_causal=self.causal, mask=mask)
+      x = run_block(blk, self.remat, x, static=dict(is_causal=self.causal), mask=mask)
     x = self.norm(x)
     pos = pool_positions(tokens, self.pool, self.eot_id, self.pad_id)
     pooled = jnp.take_along_axis(x, pos[:, None, None], axis=1)[:, 0]

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from sslvl_jax.models.layers import Block, Dtype, trunc_normal
+from sslvl_jax.models.layers import Block, Dtype, check_remat, run_block, trunc_normal
 
 
 def sincos_2d(grid: int, width: int) -> np.ndarray:
@@ -27,6 +27,8 @@ class ViT(nnx.Module):
   `__call__` returns a dict: `pooled` (b, width) after the final norm, `tokens` (b, t, width) after
   the final norm, and `patch_tokens` (b, n_patches, width). Inputs of another resolution than
   `image_size` get bicubically interpolated patch position embeddings (DINO's 96 px local crops).
+  `remat` ('none', 'block', 'dots_saveable', 'dots_with_no_batch_dims_saveable') recomputes each
+  block's activations in the backward pass, saving what the named policy allows.
   """
 
   def __init__(self, *, image_size: int = 224, patch_size: int = 16, width: int = 768,
@@ -35,8 +37,8 @@ class ViT(nnx.Module):
                patch_bias: bool = True, qkv_bias: bool = True, ln_eps: float = 1e-6,
                act: str = "gelu", drop_path_rate: float = 0.0, pos_embed: str = "learned",
                freeze_patch_embed: bool = False, attention_impl: str | None = None,
-               in_channels: int = 3, dtype: Dtype = jnp.float32, param_dtype: Dtype = jnp.float32,
-               rngs: nnx.Rngs):
+               in_channels: int = 3, remat: str = "none", dtype: Dtype = jnp.float32,
+               param_dtype: Dtype = jnp.float32, rngs: nnx.Rngs):
     if image_size % patch_size:
       raise ValueError(f"image_size {image_size} is not divisible by patch_size {patch_size}")
     if pool not in ("cls", "mean"):
@@ -44,6 +46,7 @@ class ViT(nnx.Module):
     self.patch_size, self.width, self.pool = patch_size, width, pool
     self.num_registers, self.freeze_patch_embed = num_registers, freeze_patch_embed
     self.grid = image_size // patch_size
+    self.remat = check_remat(remat)
     self.dtype = dtype
     self.patch_embed = nnx.Conv(in_channels, width, (patch_size, patch_size), strides=patch_size,
                                 padding="VALID", use_bias=patch_bias, dtype=dtype,
@@ -103,7 +106,7 @@ class ViT(nnx.Module):
     rngs = [None] * len(self.blocks) if rng is None else list(jax.random.split(rng, len(self.blocks)))
     block_cls = []
     for i, (blk, r) in enumerate(zip(self.blocks, rngs)):
-      x = blk(x, rng=r)
+      x = run_block(blk, self.remat, x, rng=r)
       if i >= len(self.blocks) - return_block_cls:
         block_cls.append(self.norm(x[:, 0]))
     x = self.norm(x)
