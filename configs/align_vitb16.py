@@ -33,7 +33,8 @@ def get_config(arg: str | None = None) -> ConfigDict:
       image=dict(name="vit_b16", image_size=224),
       text=dict(name="text_l", causal=False, pool="first"),
       embed_dim=640, dtype="bfloat16"))
-  c.loss = ConfigDict(dict(logit_scale_init=0.0, max_logit_scale=None, label_smoothing=0.1))
+  c.loss = ConfigDict(dict(logit_scale_init=0.0, max_logit_scale=None, label_smoothing=0.1,
+                           chunk_size=0))
   c.optim = ConfigDict(dict(name="lamb", lr=1e-3, weight_decay=1e-5, warmup_steps=10_000))
   c.evals = ConfigDict()
   if arg == "digits":

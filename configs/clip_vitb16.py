@@ -32,7 +32,7 @@ def get_config(arg: str | None = None) -> ConfigDict:
       text=dict(name="text_b"),
       embed_dim=512, dtype="bfloat16"))
   c.loss = ConfigDict(dict(logit_scale_init=2.6592600369644043,  # log(1 / 0.07)
-                           max_logit_scale=100.0))
+                           max_logit_scale=100.0, chunk_size=0))
   c.optim = ConfigDict(dict(name="adamw", lr=5e-4, b1=0.9, b2=0.98, eps=1e-6, weight_decay=0.2,
                             warmup_steps=10_000, clip_grad_norm=None))
   c.evals = ConfigDict(dict(

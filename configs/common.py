@@ -20,17 +20,24 @@ def check_variant(config_file: str, arg: str | None, known: Sequence[str]) -> No
 
 
 def loop_fields(c: ConfigDict) -> ConfigDict:
-  """Declare the training loop's optional settings the recipe left out, so the CLI can set them."""
+  """Declare the loop's (and model.remat's) optional settings the recipe left out, for the CLI."""
   defaults = dict(
       stop_at_step=config_dict.placeholder(int),  # save and exit after this step
       keep_checkpoints=3,
       num_devices=config_dict.placeholder(int),  # None: all devices
+      microbatches=1,  # k > 1: gradient caching (contrastive) or accumulation over k micro-batches
       nonfinite="stop",  # 'stop' | 'skip': what a step with a non-finite loss or gradient does
       max_consecutive_skips=10,
-      preemption_check_every_steps=10)  # multi-host: steps between agreeing on a SIGTERM
+      preemption_check_every_steps=10,  # multi-host: steps between agreeing on a SIGTERM
+      # ("data", "fsdp") mesh sizes, -1: the rest of the devices; fsdp > 1 shards the state
+      mesh=ConfigDict(dict(data=-1, fsdp=1)),
+      # (regex over a TrainState leaf path, spec), first match wins: see sslvl_jax/sharding.py
+      sharding_rules=((".*", "fsdp"),))
   for key, value in defaults.items():
     if key not in c:
       c[key] = value
+  if "remat" not in c.model:  # 'block' | 'dots_saveable' | ...: recompute activations in backward
+    c.model.remat = "none"
   return c
 
 

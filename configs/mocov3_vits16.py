@@ -40,7 +40,7 @@ def get_config(arg: str | None = None) -> ConfigDict:
                                 out_dim=256)),
       dtype="bfloat16"))
   c.teacher = ConfigDict(dict(momentum=0.99, momentum_end=1.0, init="copy"))
-  c.loss = ConfigDict(dict(temperature=0.2))
+  c.loss = ConfigDict(dict(temperature=0.2, chunk_size=0))
   c.optim = ConfigDict(dict(name="adamw", lr_per_256=1.5e-4, b1=0.9, b2=0.999, weight_decay=0.1,
                             warmup_epochs=40, no_decay_rules=("backbone/patch_embed",)))
   c.evals = ConfigDict(dict(knn=common.knn_eval(20_000)))

@@ -29,7 +29,8 @@ def get_config(arg: str | None = None) -> ConfigDict:
       image=dict(name="vit_micro", image_size=32, patch_size=8),
       text=dict(name="text_micro"),
       embed_dim=64, dtype="float32"))
-  c.loss = ConfigDict(dict(logit_scale_init=2.6592600369644043, max_logit_scale=100.0))  # log(1/0.07)
+  c.loss = ConfigDict(dict(logit_scale_init=2.6592600369644043, max_logit_scale=100.0,  # log(1/0.07)
+                           chunk_size=0))
   c.optim = ConfigDict(dict(name="adamw", lr=2e-3, b1=0.9, b2=0.98, eps=1e-6, weight_decay=0.1,
                             warmup_steps=50, clip_grad_norm=1.0))
   c.evals = ConfigDict(dict(

@@ -32,7 +32,7 @@ def get_config(arg: str | None = None) -> ConfigDict:
       text=dict(name="text_b", width=768, num_heads=12, pool="last_nonpad"),
       embed_dim=768, dtype="bfloat16"))
   c.loss = ConfigDict(dict(logit_scale_init=2.302585092994046,   # log 10
-                           logit_bias_init=-10.0, max_logit_scale=None))
+                           logit_bias_init=-10.0, max_logit_scale=None, chunk_size=0))
   c.optim = ConfigDict(dict(name="adamw", lr=1e-3, b1=0.9, b2=0.95, eps=1e-8, weight_decay=1e-4,
                             warmup_steps=5_000, clip_grad_norm=1.0))
   c.evals = ConfigDict(dict(

@@ -38,7 +38,7 @@ def get_config(arg: str | None = None) -> ConfigDict:
       heads=dict(projector=dict(name="simclr_projector", hidden_dim=2048, out_dim=128,
                                 num_layers=3)),
       dtype="bfloat16"))
-  c.loss = ConfigDict(dict(temperature=0.1))
+  c.loss = ConfigDict(dict(temperature=0.1, chunk_size=0))
   c.optim = ConfigDict(dict(name="lars", lr_per_256=0.3, weight_decay=1e-6, momentum=0.9,
                             trust_coefficient=1e-3, warmup_epochs=10))
   c.evals = ConfigDict(dict(knn=common.knn_eval(20_000)))

@@ -33,7 +33,7 @@ def get_config(arg: str | None = None) -> ConfigDict:
       image=dict(name="vit_b16", image_size=224), text=dict(name="text_b"),
       ssl_head=dict(hidden_dim=4096, out_dim=256), embed_dim=512, dtype="bfloat16"))
   c.loss = ConfigDict(dict(logit_scale_init=2.6592600369644043, max_logit_scale=100.0,
-                           ssl_weight=1.0, ssl_temperature=0.1))
+                           ssl_weight=1.0, ssl_temperature=0.1, chunk_size=0))
   c.optim = ConfigDict(dict(name="adamw", lr=5e-4, b1=0.9, b2=0.98, eps=1e-8, weight_decay=0.5,
                             warmup_epochs=1))
   c.evals = ConfigDict()

@@ -31,7 +31,7 @@ def get_config(arg: str | None = None) -> ConfigDict:
                            train_crop_scale=(0.08, 1.0), mean=common.CLIP_MEAN, std=common.CLIP_STD))
   c.model = ConfigDict(dict(image=dict(name="vit_b16", image_size=224), text=dict(name="text_b"),
                             embed_dim=512, dtype="bfloat16"))
-  c.loss = ConfigDict(dict(logit_scale_init=2.6592600369644043, max_logit_scale=100.0))
+  c.loss = ConfigDict(dict(logit_scale_init=2.6592600369644043, max_logit_scale=100.0, chunk_size=0))
   c.optim = ConfigDict(dict(name="adamw", lr=5e-4, b1=0.9, b2=0.98, eps=1e-6, weight_decay=0.05,
                             warmup_epochs=5))
   c.evals = ConfigDict()

@@ -12,6 +12,7 @@ from typing import Any, Callable, Iterator, Mapping
 from ml_collections import ConfigDict
 
 from sslvl_jax.errors import ConfigError
+from sslvl_jax.models.layers import REMAT_POLICIES
 
 REQUIRED = ("method", "global_batch_size", "seed", "data", "model", "optim")
 # Sizes under model.* and data.* (also evals.*.data.*) that must be positive integers.
@@ -55,13 +56,16 @@ class Rule:
 
 RULES = (
     Rule(r"global_batch_size|total_steps|log_every_steps|checkpoint_every_steps|keep_checkpoints"
-         r"|max_consecutive_skips|stop_at_step|num_devices|preemption_check_every_steps",
+         r"|max_consecutive_skips|stop_at_step|num_devices|preemption_check_every_steps"
+         r"|microbatches",
          positive_int, "a positive integer"),
     Rule(r"total_(epochs|examples)", positive_number, "a positive number"),
     Rule(r"optim\.lr(_per_256|_sqrt)?", non_negative_number, "a finite number >= 0"),
     Rule(r"data\.max_skip_fraction", fraction, "a fraction in [0, 1]"),
     Rule(r"nonfinite", lambda v: v in ("stop", "skip"), "'stop' or 'skip'"),
+    Rule(r"loss\.chunk_size", lambda v: v == 0 or positive_int(v), "an integer >= 0 (0: dense)"),
     Rule(rf"(.+\.)?(model|data)\.(.+\.)?({DIMENSIONS})", positive_int, "a positive integer"),
+    Rule(r"model\.(.+\.)?remat", lambda v: v in REMAT_POLICIES, f"one of {tuple(REMAT_POLICIES)}"),
 )
 
 
@@ -135,6 +139,10 @@ def validate(config: ConfigDict) -> None:
   if all(config.get(f"total_{u}") is None for u in ("steps", "epochs", "examples")):
     raise ConfigError("set total_steps, total_epochs or total_examples")
   check_patches(config, settings)
+  chunk = config.get("loss", {}).get("chunk_size", 0)
+  if chunk and config.global_batch_size % chunk:
+    raise ConfigError(f"loss.chunk_size={chunk} does not divide global_batch_size="
+                      f"{config.global_batch_size}; choose a divisor of it (or 0: dense)")
   for name, ev in config.get("evals", {}).items():
     if "type" not in ev:
       raise ConfigError(f"evals.{name} has no 'type'; known: {', '.join(EVALUATORS.names())}")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import os
 import time
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import jax
 import jax.numpy as jnp
@@ -138,6 +138,14 @@ def format_line(step: int, total: int, metrics: Mapping[str, Any]) -> str:
   if "eta_sec" in metrics:
     parts.append(f"ETA {time.strftime('%H:%M:%S', time.gmtime(float(metrics['eta_sec'])))}")
   return " | ".join(parts)
+
+
+def only_when(pred: jax.Array | bool, fn: Callable[[], Any]) -> Any:
+  """fn() where `pred` holds, zeros of its shape otherwise; a traced `pred` skips the work at run time."""
+  zeros = lambda: jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), jax.eval_shape(fn))  # noqa: E731
+  if isinstance(pred, bool):
+    return fn() if pred else zeros()
+  return jax.lax.cond(pred, fn, zeros)
 
 
 def embedding_std(z: jax.Array) -> jax.Array:

@@ -17,8 +17,9 @@ def _losses(s, params, batch, rng):
   slip, m, _ = s.method.loss(model, s.state.extras, batch, ctx)
   clip_ctx = StepContext(rng=jax.random.split(rng, 4)[0], step=s.state.step,
                          model_state=s.state.model_state)
-  clip, _, _ = image_text.Clip.loss(s.method, s.method.merge(params, s.state.model_state),
-                                    s.state.extras, batch, clip_ctx)
+  model = s.method.merge(params, s.state.model_state)
+  emb, extras = image_text.ImageText.embeddings(s.method, model, s.state.extras, batch, clip_ctx)
+  clip, _, _ = image_text.Clip.embedding_loss(s.method, model, extras, emb, batch, clip_ctx)
   return slip, m, clip
 
 

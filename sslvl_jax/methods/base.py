@@ -40,13 +40,22 @@ class StepContext:
   rng: jax.Array
   step: jax.Array
   model_state: Any
+  monitor: jax.Array | bool = True  # compute collapse monitors (train.py: only on log steps)
+
+
+def context(state: TrainState, rng: jax.Array, monitor: jax.Array | bool = True) -> StepContext:
+  """The StepContext of a step on `state`."""
+  return StepContext(rng=rng, step=state.step, model_state=state.model_state, monitor=monitor)
 
 
 class Method:
   """Base class of a pretraining method: a model, a loss, and optional state rules.
 
-  Subclasses implement `build_model` and `loss`; they may override `init_extras` (teacher, queues),
-  `after_update` (EMA, clamping), `image_features` / `text_features` (used by evaluators).
+  Subclasses implement `build_model` and either `loss` or the pair `embeddings` + `embedding_loss`
+  (a loss of per-example embeddings of the whole batch: the contrastive methods, which then get
+  gradient caching with `config.microbatches`, see sslvl_jax.accumulate); they may override
+  `init_extras` (teacher, queues), `after_update` (EMA, clamping), `image_features` /
+  `text_features` (used by evaluators).
   `example` names the host transform (sslvl_jax.data.examples) that produces the method's batches.
   """
 
@@ -64,7 +73,22 @@ class Method:
   def loss(self, model: nnx.Module, extras: Any, batch: dict, ctx: StepContext
            ) -> tuple[jax.Array, dict[str, jax.Array], Any]:
     """(global-batch loss, metrics, new extras) for one batch."""
-    raise NotImplementedError
+    emb, extras = self.embeddings(model, extras, batch, ctx)
+    return self.embedding_loss(model, extras, emb, batch, ctx)
+
+  def embeddings(self, model: nnx.Module, extras: Any, batch: dict, ctx: StepContext
+                 ) -> tuple[Any, Any]:
+    """(pytree of per-example embeddings, leading axis the batch; extras after the forward)."""
+    raise NotImplementedError(f"{type(self).__name__} has no embedding loss")
+
+  def embedding_loss(self, model: nnx.Module, extras: Any, emb: Any, batch: dict,
+                     ctx: StepContext) -> tuple[jax.Array, dict[str, jax.Array], Any]:
+    """(global-batch loss, metrics, new extras) of the embeddings of the whole batch."""
+    raise NotImplementedError(f"{type(self).__name__} has no embedding loss")
+
+  def has_embedding_loss(self) -> bool:
+    """Whether the loss is split into `embeddings` + `embedding_loss` (gradient caching)."""
+    return type(self).embeddings is not Method.embeddings
 
   # ---- optional hooks ---------------------------------------------------------------------
   def init_extras(self, params: Any, model_state: Any, rng: jax.Array) -> Any:
@@ -101,14 +125,28 @@ class Method:
     copy = lambda t: jax.tree.map(lambda x: x, t)  # noqa: E731
     return nnx.merge(self.graphdef, copy(params), copy(model_state))
 
-  def forward_loss(self, params: Any, state: TrainState, batch: dict, rng: jax.Array
-                   ) -> tuple[jax.Array, tuple[dict, Any, Any]]:
+  def forward_loss(self, params: Any, state: TrainState, batch: dict, rng: jax.Array,
+                   monitor: jax.Array | bool = True) -> tuple[jax.Array, tuple[dict, Any, Any]]:
     """Loss as a function of params, also returning (metrics, new model_state, new extras)."""
     model = self.merge(params, state.model_state)
-    ctx = StepContext(rng=rng, step=state.step, model_state=state.model_state)
-    loss, metrics, extras = self.loss(model, state.extras, batch, ctx)
-    _, _, model_state = nnx.split(model, nnx.Param, ...)
-    return loss, (metrics, model_state, extras)
+    loss, metrics, extras = self.loss(model, state.extras, batch, context(state, rng, monitor))
+    return loss, (metrics, nnx.split(model, nnx.Param, ...)[2], extras)
+
+  def forward_embeddings(self, params: Any, state: TrainState, batch: dict, rng: jax.Array
+                         ) -> tuple[Any, tuple[Any, Any]]:
+    """`embeddings` as a function of params, also returning (new model_state, new extras)."""
+    model = self.merge(params, state.model_state)
+    emb, extras = self.embeddings(model, state.extras, batch, context(state, rng))
+    return emb, (nnx.split(model, nnx.Param, ...)[2], extras)
+
+  def forward_embedding_loss(self, params: Any, emb: Any, state: TrainState, batch: dict,
+                             rng: jax.Array, monitor: jax.Array | bool = True
+                             ) -> tuple[jax.Array, tuple[dict, Any]]:
+    """`embedding_loss` as a function of params and embeddings, also returning (metrics, extras)."""
+    loss, metrics, extras = self.embedding_loss(self.merge(params, state.model_state),
+                                                state.extras, emb, batch,
+                                                context(state, rng, monitor))
+    return loss, (metrics, extras)
 
   def normalize(self, images: jax.Array) -> jax.Array:
     """uint8 (b, h, w, 3) -> float32 normalised with the data config's mean/std."""

@@ -86,12 +86,17 @@ class PairLossMethod(TwoViewMethod):
   pair_loss: Callable[..., jax.Array]
   normalize_embeddings: bool = False
 
-  def loss(self, model: nnx.Module, extras: Any, batch: dict, ctx: StepContext):
+  def embeddings(self, model: nnx.Module, extras: Any, batch: dict, ctx: StepContext):
     z1, z2 = self.embed(model, batch, ctx.rng)
     if self.normalize_embeddings:
       z1, z2 = l2_normalize(z1), l2_normalize(z2)
+    return (z1, z2), extras
+
+  def embedding_loss(self, model: nnx.Module, extras: Any, emb: Any, batch: dict,
+                     ctx: StepContext):
     fn = functools.partial(self.pair_loss, **self.config.loss.to_dict())
-    return global_batch(fn, self.mesh, DATA, DATA)(z1, z2), collapse_monitors(z1), extras
+    return (global_batch(fn, self.mesh, DATA, DATA)(*emb), collapse_monitors(emb[0], ctx.monitor),
+            extras)
 
 
 @METHODS.register("simclr")
@@ -138,11 +143,14 @@ class MomentumContrast(TeacherMixin, TwoViewMethod):
     teacher = self.update_teacher(params, extras["teacher"])
     return self.teacher_model(teacher), teacher
 
-  def finish(self, extras: Any, key_net: nnx.Module, teacher: dict, queries: jax.Array
-             ) -> tuple[dict, Any]:
-    """(metrics, extras with the teacher and the key network's new BN statistics)."""
-    m = {**collapse_monitors(queries), "teacher_momentum": self.teacher_momentum(teacher)}
-    return m, {**extras, "teacher": {**teacher, "state": run_state(key_net)}}
+  def with_teacher(self, extras: Any, key_net: nnx.Module, teacher: dict) -> Any:
+    """Extras holding the updated teacher and the key network's new BN statistics."""
+    return {**extras, "teacher": {**teacher, "state": run_state(key_net)}}
+
+  def monitors(self, queries: jax.Array, extras: Any, ctx: StepContext) -> dict[str, jax.Array]:
+    """Collapse monitors of the queries and the teacher momentum."""
+    return {**collapse_monitors(queries, ctx.monitor),
+            "teacher_momentum": self.teacher_momentum(extras["teacher"])}
 
 
 @METHODS.register("mocov2")
@@ -178,7 +186,8 @@ class MocoV2(MomentumContrast):
       raise ConfigError(f"model.bn_group_size={size} does not divide the global batch {batch_size}")
     return batch_size // size
 
-  def loss(self, model: nnx.Module, extras: Any, batch: dict, ctx: StepContext):
+  def embeddings(self, model: nnx.Module, extras: Any, batch: dict, ctx: StepContext):
+    """(queries, stop-gradient keys), both L2-normalised; extras with the updated teacher."""
     k_aug, k_shuffle = jax.random.split(ctx.rng)
     v1, v2 = self.views(batch, 0, k_aug)
     groups = self.bn_groups(v1.shape[0])
@@ -187,12 +196,15 @@ class MocoV2(MomentumContrast):
     key_fn = functools.partial(encode, key_net, heads=self.heads, bn_groups=groups)
     k = key_fn(v2) if not self.config.model.get("shuffle_bn", True) else shuffled(
         key_fn, v2, k_shuffle, self.mesh)
-    k = jax.lax.stop_gradient(l2_normalize(k))
+    return (q, jax.lax.stop_gradient(l2_normalize(k))), self.with_teacher(extras, key_net, teacher)
+
+  def embedding_loss(self, model: nnx.Module, extras: Any, emb: Any, batch: dict,
+                     ctx: StepContext):
+    q, k = emb
     loss = global_batch(losses.moco_queue_loss, self.mesh, DATA, DATA, P(), P())(
         q, k, extras["queue"], self.config.loss.temperature)
     queue, ptr = losses.moco_enqueue(extras["queue"], k, extras["queue_ptr"])
-    m, extras = self.finish(extras, key_net, teacher, q)
-    return loss, m, {**extras, "queue": queue, "queue_ptr": ptr}
+    return loss, self.monitors(q, extras, ctx), {**extras, "queue": queue, "queue_ptr": ptr}
 
 
 @METHODS.register("mocov3")
@@ -205,12 +217,17 @@ class MocoV3(MomentumContrast):
 
   heads = ("projector", "predictor")
 
-  def loss(self, model: nnx.Module, extras: Any, batch: dict, ctx: StepContext):
+  def embeddings(self, model: nnx.Module, extras: Any, batch: dict, ctx: StepContext):
+    """(q1, q2, k1, k2): raw queries and stop-gradient keys; extras with the updated teacher."""
     views = self.views(batch, 0, ctx.rng)
     q1, q2 = encode_views(model, views, self.heads)
     key_net, teacher = self.key_encoder(model, extras)
     k1, k2 = (jax.lax.stop_gradient(k) for k in encode_views(key_net, views, ("projector",)))
-    loss = global_batch(losses.moco_v3_loss, self.mesh, DATA, DATA, DATA, DATA, P())(
-        q1, q2, k1, k2, self.config.loss.temperature)
-    m, extras = self.finish(extras, key_net, teacher, q1)
-    return loss, m, extras
+    return (q1, q2, k1, k2), self.with_teacher(extras, key_net, teacher)
+
+  def embedding_loss(self, model: nnx.Module, extras: Any, emb: Any, batch: dict,
+                     ctx: StepContext):
+    fn = functools.partial(losses.moco_v3_loss, chunk_size=self.config.loss.get("chunk_size", 0))
+    loss = global_batch(fn, self.mesh, DATA, DATA, DATA, DATA, P())(
+        *emb, self.config.loss.temperature)
+    return loss, self.monitors(emb[0], extras, ctx), extras

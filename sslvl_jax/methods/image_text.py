@@ -15,6 +15,7 @@ from jax.sharding import PartitionSpec as P
 from sslvl_jax import data, interop, losses, models, parallel
 from sslvl_jax.data import device_ops
 from sslvl_jax.data.examples import tokenizer
+from sslvl_jax.errors import ConfigError
 from sslvl_jax.methods import METHODS
 from sslvl_jax.methods.base import Method, StepContext
 
@@ -35,16 +36,16 @@ class ImageText(Method):
   def tower_configs(self) -> tuple[dict, dict]:
     """JSON-able {'name', 'kwargs'} of the image and text towers (also written on export)."""
     cfg = self.config.model
-    dtype = cfg.get("dtype", "float32")
+    shared = {"dtype": cfg.get("dtype", "float32"), "remat": cfg.get("remat", "none")}
     image = {"name": cfg.image.name,
-             "kwargs": {**{k: v for k, v in cfg.image.items() if k != "name"}, "dtype": dtype}}
-    text_kw = {k: v for k, v in cfg.text.items() if k != "name"}
+             "kwargs": {**shared, **{k: v for k, v in cfg.image.items() if k != "name"}}}
+    text_kw = {**shared, **{k: v for k, v in cfg.text.items() if k != "name"}}
     if "vocab_size" not in text_kw:  # from the tokenizer, so the two cannot disagree
       tok_spec = data.tokenizer_spec(self.config.data)
       text_kw.update(vocab_size=tokenizer(tok_spec).vocab_size, eot_id=tok_spec.eot_id,
                      pad_id=tok_spec.pad_id)
     text_kw.setdefault("context_length", self.config.data.context_length)
-    return image, {"name": cfg.text.name, "kwargs": {**text_kw, "dtype": dtype}}
+    return image, {"name": cfg.text.name, "kwargs": text_kw}
 
   def model_config(self) -> dict:
     """The exported model's {'name': 'two_tower', 'kwargs'} (interop.build_module rebuilds it)."""
@@ -57,14 +58,18 @@ class ImageText(Method):
   def build_model(self, rngs: nnx.Rngs) -> nnx.Module:
     return interop.build_module(self.model_config(), rngs)
 
-  def embed(self, model: nnx.Module, batch: dict, rng: jax.Array | None
-            ) -> tuple[jax.Array, jax.Array]:
+  def embeddings(self, model: nnx.Module, extras: Any, batch: dict, ctx: StepContext
+                 ) -> tuple[tuple[jax.Array, jax.Array], Any]:
     """L2-normalised (image, text) embeddings of a batch."""
-    r1 = r2 = None
-    if rng is not None:
-      r1, r2 = jax.random.split(rng)
+    r1, r2 = jax.random.split(ctx.rng)
     return (model.encode_image(self.normalize(batch["image"]), rng=r1),
-            model.encode_text(batch["tokens"], rng=r2))
+            model.encode_text(batch["tokens"], rng=r2)), extras
+
+  def sharded_loss(self, fn: Any, *specs: Any) -> Any:
+    """`fn` (a losses.* function) over the global batch, with the config's loss.chunk_size."""
+    fn = functools.partial(fn, axis_name=parallel.BATCH_AXES,
+                           chunk_size=self.config.loss.get("chunk_size", 0))
+    return parallel.sharded_loss(fn, self.mesh, specs)
 
   def image_features(self, model: nnx.Module, extras: Any, images: jax.Array) -> jax.Array:
     return model.encode_image(self.normalize(images))
@@ -79,32 +84,36 @@ class ImageText(Method):
     return params, extras
 
 
+ROWS = P(parallel.BATCH_AXES)
+
+
 @METHODS.register("clip")
 class Clip(ImageText):
   """CLIP: symmetric InfoNCE over the global batch (ALIGN with loss.label_smoothing=0.1)."""
 
-  def loss(self, model: nnx.Module, extras: Any, batch: dict, ctx: StepContext
-           ) -> tuple[jax.Array, dict, Any]:
-    img, txt = self.embed(model, batch, ctx.rng)
+  def embedding_loss(self, model: nnx.Module, extras: Any, emb: Any, batch: dict,
+                     ctx: StepContext) -> tuple[jax.Array, dict, Any]:
     scale = jnp.exp(model.logit_scale[...])
-    fn = functools.partial(losses.clip_loss, axis_name=parallel.BATCH_AXES,
+    fn = functools.partial(losses.clip_loss,
                            label_smoothing=self.config.loss.get("label_smoothing", 0.0))
-    loss = parallel.sharded_loss(fn, self.mesh, (P(parallel.BATCH_AXES), P(parallel.BATCH_AXES), P())
-                                 )(img, txt, scale)
-    return loss, {"logit_scale": scale}, extras
+    return self.sharded_loss(fn, ROWS, ROWS, P())(*emb[:2], scale), {"logit_scale": scale}, extras
 
 
 @METHODS.register("siglip")
 class SigLip(ImageText):
   """SigLIP: pairwise sigmoid loss, text chunks passed around the device ring."""
 
-  def loss(self, model: nnx.Module, extras: Any, batch: dict, ctx: StepContext
-           ) -> tuple[jax.Array, dict, Any]:
-    img, txt = self.embed(model, batch, ctx.rng)
+  def __init__(self, config: Any, mesh: Any):
+    super().__init__(config, mesh)
+    chunk, local = config.loss.get("chunk_size", 0), config.global_batch_size // mesh.devices.size
+    if chunk and chunk < local and local % chunk:  # blocks are cut into (local, chunk) pieces
+      raise ConfigError(f"loss.chunk_size={chunk} does not divide the {local} examples per device "
+                        "of a SigLIP block; choose a divisor of it (or 0: whole blocks)")
+
+  def embedding_loss(self, model: nnx.Module, extras: Any, emb: Any, batch: dict,
+                     ctx: StepContext) -> tuple[jax.Array, dict, Any]:
     scale, bias = jnp.exp(model.logit_scale[...]), model.logit_bias[...]
-    fn = functools.partial(losses.siglip_loss, axis_name=parallel.BATCH_AXES)
-    d = P(parallel.BATCH_AXES)
-    loss = parallel.sharded_loss(fn, self.mesh, (d, d, P(), P()))(img, txt, scale, bias)
+    loss = self.sharded_loss(losses.siglip_loss, ROWS, ROWS, P(), P())(*emb, scale, bias)
     return loss, {"logit_scale": scale, "logit_bias": bias}, extras
 
 
@@ -122,19 +131,23 @@ class Slip(Clip):
                                     cfg.out_dim, rngs=rngs)
     return model
 
-  def loss(self, model: nnx.Module, extras: Any, batch: dict, ctx: StepContext
-           ) -> tuple[jax.Array, dict, Any]:
+  def embeddings(self, model: nnx.Module, extras: Any, batch: dict, ctx: StepContext
+                 ) -> tuple[tuple[jax.Array, ...], Any]:
+    """(image, text, view-1 projection, view-2 projection), all L2-normalised."""
     k_clip, k_aug, k1, k2 = jax.random.split(ctx.rng, 4)
-    clip, m, extras = super().loss(model, extras, batch, dataclasses.replace(ctx, rng=k_clip))
+    (img, txt), extras = super().embeddings(model, extras, batch, dataclasses.replace(ctx, rng=k_clip))
     views = batch["views0"]
     preset = self.config.augment.views0[0]
     z = [models.l2_normalize(model.ssl_head(
         model.image(device_ops.photometric(views[:, i], jax.random.fold_in(k_aug, i), preset),
                     train=True, rng=r)["pooled"], train=True)) for i, r in ((0, k1), (1, k2))]
-    fn = functools.partial(losses.nt_xent_loss, temperature=self.config.loss.ssl_temperature,
-                           axis_name=parallel.BATCH_AXES)
-    d = P(parallel.BATCH_AXES)
-    ssl = parallel.sharded_loss(fn, self.mesh, (d, d))(*z)
+    return (img, txt, *z), extras
+
+  def embedding_loss(self, model: nnx.Module, extras: Any, emb: Any, batch: dict,
+                     ctx: StepContext) -> tuple[jax.Array, dict, Any]:
+    clip, m, extras = super().embedding_loss(model, extras, emb, batch, ctx)
+    fn = functools.partial(losses.nt_xent_loss, temperature=self.config.loss.ssl_temperature)
+    ssl = self.sharded_loss(fn, ROWS, ROWS)(*emb[2:])
     w = self.config.loss.ssl_weight
     return clip + w * ssl, {**m, "clip_loss": clip, "ssl_loss": ssl}, extras
 
@@ -147,13 +160,10 @@ class UniCl(Clip):
   batch can mix image-text and image-label data; with all labels distinct this is CLIP.
   """
 
-  def loss(self, model: nnx.Module, extras: Any, batch: dict, ctx: StepContext
-           ) -> tuple[jax.Array, dict, Any]:
-    img, txt = self.embed(model, batch, ctx.rng)
+  def embedding_loss(self, model: nnx.Module, extras: Any, emb: Any, batch: dict,
+                     ctx: StepContext) -> tuple[jax.Array, dict, Any]:
     scale = jnp.exp(model.logit_scale[...])
     labels = batch["label"]
     labels = jnp.where(labels < 0, -1 - jnp.arange(labels.shape[0]), labels)
-    fn = functools.partial(losses.unicl_loss, axis_name=parallel.BATCH_AXES)
-    d = P(parallel.BATCH_AXES)
-    loss = parallel.sharded_loss(fn, self.mesh, (d, d, d, P()))(img, txt, labels, scale)
+    loss = self.sharded_loss(losses.unicl_loss, ROWS, ROWS, ROWS, P())(*emb, labels, scale)
     return loss, {"logit_scale": scale}, extras

@@ -51,9 +51,10 @@ class SSLMethod(Method):
 
   def backbone_config(self) -> dict:
     """JSON-able {'name', 'kwargs'} of the backbone (also written on export)."""
-    cfg = self.config.model.backbone
-    return {"name": cfg.name, "kwargs": {**{k: v for k, v in cfg.items() if k != "name"},
-                                         "dtype": self.config.model.get("dtype", "float32")}}
+    model = self.config.model
+    shared = {"dtype": model.get("dtype", "float32"), "remat": model.get("remat", "none")}
+    return {"name": model.backbone.name,
+            "kwargs": {**shared, **{k: v for k, v in model.backbone.items() if k != "name"}}}
 
   def build_backbone(self, rngs: nnx.Rngs) -> nnx.Module:
     """The image backbone (ViT or ResNet) of the config."""
@@ -104,10 +105,19 @@ def head_out_dim(head: nnx.Module, default: int) -> int:
   return int(layers[-1].out_features) if layers else default
 
 
-def collapse_monitors(z: jax.Array) -> dict[str, jax.Array]:
-  """Per-dimension std of the L2-normalised embeddings and their effective rank (RankMe)."""
-  return {"embed_std": metrics.embedding_std(z), "embed_std_healthy": jnp.float32(
-      1.0 / np.sqrt(z.shape[-1])), "rankme": metrics.rankme(z)}
+MONITOR_ROWS = 256  # collapse monitors read the first rows of the global batch
+
+
+def collapse_monitors(z: jax.Array, monitor: jax.Array | bool = True) -> dict[str, jax.Array]:
+  """Per-dimension std of the L2-normalised embeddings and their effective rank (RankMe).
+
+  Computed on the first MONITOR_ROWS rows of the global batch and only when `monitor` (train.py:
+  on log steps; zeros otherwise), so no step gathers a whole (B, D) batch for an SVD.
+  """
+  z = jax.lax.stop_gradient(z[:MONITOR_ROWS])
+  return metrics.only_when(monitor, lambda: {
+      "embed_std": metrics.embedding_std(z), "rankme": metrics.rankme(z),
+      "embed_std_healthy": jnp.float32(1.0 / np.sqrt(z.shape[-1]))})
 
 
 class TeacherMixin:

@@ -10,7 +10,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
-from sslvl_jax import losses, parallel
+from sslvl_jax import losses, metrics, parallel
 from sslvl_jax.methods import METHODS
 from sslvl_jax.methods.base import StepContext
 from sslvl_jax.methods.ssl import DATA, SSLMethod, TeacherMixin, collapse_monitors, global_batch
@@ -37,7 +37,7 @@ class Byol(TeacherMixin, SSLMethod):
               for v in (v1, v2))
     loss = global_batch(losses.byol_loss, self.mesh, DATA, DATA, DATA, DATA)(p1, p2, t1, t2)
     teacher = {**extras["teacher"], "state": run_state(target)}
-    m = {**collapse_monitors(z1), "teacher_momentum": self.teacher_momentum(teacher)}
+    m = {**collapse_monitors(z1, ctx.monitor), "teacher_momentum": self.teacher_momentum(teacher)}
     return loss, m, {**extras, "teacher": teacher}
 
   def after_update(self, params: Any, extras: Any, step: jax.Array):
@@ -55,7 +55,7 @@ class SimSiam(SSLMethod):
     fn = lambda *a, axis_name: losses.simsiam_loss(  # noqa: E731
         *a, axis_name=axis_name, stop_gradient=self.config.loss.get("stop_gradient", True))
     loss = global_batch(fn, self.mesh, DATA, DATA, DATA, DATA)(p1, p2, z1, z2)
-    return loss, collapse_monitors(z1), extras
+    return loss, collapse_monitors(z1, ctx.monitor), extras
 
 
 @METHODS.register("dino")
@@ -106,7 +106,8 @@ class Dino(TeacherMixin, SSLMethod):
     if cfg.get("centering", True):  # False: the paper's collapsing ablation (center stays 0)
       center = global_batch(losses.dino_center_update, self.mesh, P(), spec3, P())(
           center, teacher, cfg.center_momentum)
-    m = {**mon(*args), **collapse_monitors(student[0]), "teacher_temp": t_temp,
+    m = {**metrics.only_when(ctx.monitor, lambda: mon(*args)),
+         **collapse_monitors(student[0], ctx.monitor), "teacher_temp": t_temp,
          "teacher_momentum": self.teacher_momentum(extras["teacher"])}
     teacher_state = {**extras["teacher"], "state": run_state(teacher_net)}
     return loss, m, {**extras, "center": center, "teacher": teacher_state}
