@@ -1,10 +1,14 @@
-"""Per-device memory of a contrastive loss's compiled value_and_grad, on fake CPU devices.
+"""Per-device memory of a compiled contrastive loss or a recipe's train step, on fake CPU devices.
 
   python benchmarks/memory.py --loss=clip --global_batch=32768 --dim=512 --chunk_size=1024 --devices=8
+  python benchmarks/memory.py --config=configs/clip_vitb16.py --per_device_batch=4096 --devices=8 \
+      --config.microbatches=16 --config.model.remat=block --config.mesh.fsdp=8
 
-Compile-only: XLA's memory analysis of the jit + shard_map program on --devices fake CPU devices
-(temporaries, arguments and outputs per device, MiB), beside the size of the local x global f32
-logits that a dense contrastive loss materialises. One mode per function in MODES.
+Compile-only: XLA's memory analysis of the jitted program on --devices fake CPU devices
+(temporaries, arguments and outputs per device, MiB). --loss: value_and_grad of the jit + shard_map
+loss, beside the size of the local x global f32 logits a dense loss materialises. --config: the
+recipe's whole train step (forward, backward, optimiser) on abstract inputs, so neither the state
+nor the batch is allocated. One mode per function in MODES.
 """
 
 from __future__ import annotations
@@ -38,7 +42,9 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 from absl import app, flags  # noqa: E402
 from jax.sharding import NamedSharding, PartitionSpec as P  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
 
+import recipe_step  # noqa: E402  (beside this script)
 from sslvl_jax import losses, parallel  # noqa: E402
 
 _LOSS = flags.DEFINE_enum("loss", "clip", ["clip", "siglip"], "loss to measure")
@@ -47,6 +53,8 @@ _DIM = flags.DEFINE_integer("dim", 512, "embedding dimension")
 _CHUNK = flags.DEFINE_integer("chunk_size", 0, "the loss's chunk_size (0: dense logits)")
 _DEVICES = flags.DEFINE_integer("devices", 8, "fake CPU devices (read before jax is imported)")
 _DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "embedding dtype")
+_CONFIG = config_flags.DEFINE_config_file("config", None, "recipe config: measure its train step")
+_PER_DEVICE = flags.DEFINE_integer("per_device_batch", 256, "--config: examples per device")
 
 MIB = 2 ** 20
 
@@ -58,10 +66,13 @@ LOSSES: dict[str, tuple[Callable[..., jax.Array], int]] = {
 
 
 def compiled_memory(compiled: Any) -> dict[str, float]:
-  """Per-device temporary, argument and output sizes (MiB) from XLA's memory analysis."""
+  """Per-device temporary, argument, output and donated (alias) sizes (MiB), and their total."""
   stats = compiled.memory_analysis()
-  return {f"{k}_mib": getattr(stats, f"{k}_in_bytes") / MIB
-          for k in ("temp_size", "argument_size", "output_size")}
+  out = {f"{k}_mib": getattr(stats, f"{k}_in_bytes") / MIB
+         for k in ("temp_size", "argument_size", "output_size", "alias_size")}
+  out["total_mib"] = (out["temp_size_mib"] + out["argument_size_mib"] + out["output_size_mib"]
+                      - out["alias_size_mib"])  # a donated input's buffer is reused by the output
+  return out
 
 
 def loss_memory() -> dict[str, Any]:
@@ -92,14 +103,33 @@ def loss_memory() -> dict[str, Any]:
           "compile_s": round(time.perf_counter() - t0, 1)}
 
 
+def config_memory() -> dict[str, Any]:
+  """The --config recipe's jitted train step at --per_device_batch, compiled on abstract inputs."""
+  mesh = parallel.config_mesh(_CONFIG.value)
+  n_dev = mesh.devices.size
+  config = recipe_step.prepare(_CONFIG.value, _PER_DEVICE.value * n_dev, vocab_size=49408)
+  method, make, step = recipe_step.build(config, mesh)
+  rng = jax.random.key(0)
+  t0 = time.perf_counter()
+  compiled = step.lower(jax.eval_shape(make, rng), recipe_step.abstract_batch(config, method, mesh),
+                        rng).compile()
+  mem = compiled_memory(compiled)
+  towers = {k: v.name for k, v in config.model.items() if hasattr(v, "name")}
+  return {"mode": "config", "method": config.method, **towers, "devices": n_dev,
+          "mesh": dict(zip(mesh.axis_names, mesh.devices.shape)),
+          "global_batch": config.global_batch_size, "per_device_batch": _PER_DEVICE.value,
+          "microbatches": config.microbatches, "remat": config.model.remat,
+          "chunk_size": config.get("loss", {}).get("chunk_size", 0), "dtype": config.model.dtype,
+          **mem, "compile_s": round(time.perf_counter() - t0, 1)}
+
+
 # One function per mode, each returning the record to print; main picks the mode.
-MODES: dict[str, Callable[[], dict[str, Any]]] = {"loss": loss_memory}
+MODES: dict[str, Callable[[], dict[str, Any]]] = {"loss": loss_memory, "config": config_memory}
 
 
 def main(argv: list[str]) -> None:
   del argv
-  mode = "loss"  # the only mode so far; a later one (e.g. a recipe --config) picks its own here
-  print(json.dumps(MODES[mode](), indent=1))
+  print(json.dumps(MODES["config" if _CONFIG.value is not None else "loss"](), indent=1))
 
 
 if __name__ == "__main__":

@@ -13,12 +13,11 @@ import json
 import time
 
 import jax
-import jax.numpy as jnp
-import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
-from sslvl_jax import methods, optim, parallel, train
+import recipe_step  # beside this script
+from sslvl_jax import parallel
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "recipe config")
 _BPD = flags.DEFINE_integer("batch_per_device", 32, "examples per device")
@@ -27,36 +26,15 @@ _PEAK = flags.DEFINE_float("peak_tflops", 0.0, "peak dense TFLOP/s of one device
 _VOCAB = flags.DEFINE_integer("vocab_size", 32000, "text vocabulary size for synthetic tokens")
 
 
-def synthetic_batch(config, global_batch: int, mesh) -> dict:
-  """Random uint8 images and token ids of the recipe's shapes, sharded over the mesh."""
-  rng = np.random.default_rng(0)
-  s, ctx = config.data.image_size, config.data.context_length
-  local = global_batch // jax.process_count()
-  batch = {"image": rng.integers(0, 256, (local, s, s, 3), dtype=np.uint8),
-           "tokens": np.zeros((local, ctx), np.int32), "label": np.zeros((local,), np.int32)}
-  lengths = rng.integers(2, ctx, local)
-  for i, n in enumerate(lengths):
-    batch["tokens"][i, :n] = rng.integers(4, _VOCAB.value, n)
-    batch["tokens"][i, n - 1] = 3  # EOT
-  return parallel.host_to_global(mesh, batch)
-
-
 def main(argv):
   del argv
-  config = _CONFIG.value
-  mesh = parallel.make_mesh()
+  mesh = parallel.config_mesh(_CONFIG.value)
   n_dev = mesh.devices.size
   gbs = _BPD.value * n_dev
-  with config.unlocked():
-    config.global_batch_size = gbs
-    if "text" in config.model:
-      config.model.text.vocab_size = _VOCAB.value
-      config.model.text.eot_id = 3
-  method = methods.get(config.method)(config, mesh)
-  builder = lambda p: optim.build(config.optim, p, total_steps=1000, global_batch_size=gbs)  # noqa
-  state, (tx, schedule) = train.init_state(method, builder, jax.random.key(0), mesh)
-  step = train.make_train_step(method, tx, schedule, mesh)
-  batch = synthetic_batch(config, gbs, mesh)
+  config = recipe_step.prepare(_CONFIG.value, gbs, _VOCAB.value)
+  method, make, step = recipe_step.build(config, mesh)
+  state = make(jax.random.key(0))
+  batch = recipe_step.synthetic_batch(config, method, mesh)
   rng = jax.random.key(1)
   compiled = step.lower(state, batch, rng).compile()
   cost = compiled.cost_analysis()

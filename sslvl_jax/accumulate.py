@@ -79,14 +79,19 @@ def value_and_grad(method: Method, k: int, mesh: Mesh) -> GradFn:
       lambda x: jax.lax.with_sharding_constraint(merge(x, n), rows), t)
   index = jnp.arange(k)
 
+  def like_params(tree: Any) -> Any:
+    """Keep gradient sums on the parameters' shards (FSDP), not replicated."""
+    shardings = getattr(method, "state_sharding", None)
+    return tree if shardings is None else jax.lax.with_sharding_constraint(tree, shardings.params)
+
   def accumulate(params: Any, state: TrainState, batch: dict, rng: jax.Array,
                  monitor: jax.Array | bool = True):
     def body(total, xs):
       i, mb = xs
       (loss, aux), g = full(params, state, mb, jax.random.fold_in(rng, i), monitor)
-      return jax.tree.map(jnp.add, total, g), (loss, aux)
+      return like_params(jax.tree.map(jnp.add, total, g)), (loss, aux)
 
-    zeros = jax.tree.map(jnp.zeros_like, params)
+    zeros = like_params(jax.tree.map(jnp.zeros_like, params))
     grads, (losses, (m, model_state, extras)) = jax.lax.scan(body, zeros, (index, to_micro(batch)))
     grads = jax.tree.map(lambda g: g / k, grads)
     m = jax.tree.map(lambda x: x.mean(0), m)
@@ -109,9 +114,9 @@ def value_and_grad(method: Method, k: int, mesh: Mesh) -> GradFn:
     def body(total, xs):  # (3) one micro-batch's activations at a time
       i, mb, g_emb = xs
       _, pull, _ = jax.vjp(lambda p: embed(p, mb, i), params, has_aux=True)
-      return jax.tree.map(jnp.add, total, pull(g_emb)[0]), None
+      return like_params(jax.tree.map(jnp.add, total, pull(g_emb)[0])), None
 
-    grads, _ = jax.lax.scan(body, grads, (index, micro, to_micro(emb_grad)))
+    grads, _ = jax.lax.scan(body, like_params(grads), (index, micro, to_micro(emb_grad)))
     return (loss, (m, model_state, extras)), grads
 
   return cache if method.has_embedding_loss() else accumulate

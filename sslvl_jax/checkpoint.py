@@ -5,6 +5,7 @@ from __future__ import annotations
 import fnmatch
 import json
 import os
+import re
 import shutil
 from typing import Any, Callable, Iterable, Mapping
 
@@ -24,10 +25,12 @@ SAFE_TO_CHANGE = ("total_steps", "total_epochs", "total_examples", "schedule.tot
                   "log_every_steps", "checkpoint_every_steps", "keep_checkpoints", "stop_at_step",
                   "num_devices", "nonfinite", "max_consecutive_skips", "collapse_rules",
                   "preemption_check_every_steps", "evals", "evals.*", "data.prefetch_batches",
-                  "data.max_skip_fraction")
+                  "data.max_skip_fraction", "mesh", "mesh.*", "sharding_rules")
+# The mesh shape and the sharding rules only move arrays between devices (a resume reshards).
 # Not data.worker_count: grain's multi-process iterator state is per worker.
 UNSET = "<unset>"
 SHARED_CHECK = ".shared_storage_check"  # written and removed by check_shared
+_PROCESS_FILE = re.compile(r"process_\d+-of-(\d+)\.json")  # grain's per-process data position
 
 
 class Checkpointer:
@@ -83,12 +86,29 @@ class Checkpointer:
     return self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
 
   def restore(self, step: int, abstract_state: Any, data_iter: Any) -> tuple[Any, dict]:
-    """Restore `step` onto the shardings of `abstract_state`; the data iterator is set in place."""
+    """Restore `step` onto the shardings of `abstract_state` (any mesh shape, device or process
+    count); the data iterator is set in place (ConfigError: it needs the process count it was
+    saved with)."""
     args = {"state": ocp.args.StandardRestore(abstract_state), "meta": ocp.args.JsonRestore()}
     if data_iter is not None:
+      self.check_process_count(step)
       args["data_iter"] = grain.checkpoint.CheckpointRestore(data_iter)
     out = self.manager.restore(step, args=ocp.args.Composite(**args))
     return out["state"], out["meta"]
+
+  def check_process_count(self, step: int) -> None:
+    """ConfigError when checkpoint `step`'s data position was saved by another number of
+    processes: grain keeps one position per process (process_<i>-of-<n>.json), which another
+    process count cannot continue from without repeating or skipping examples."""
+    folder = self.directory / str(step) / "data_iter"
+    names = [p.name for p in folder.iterdir()] if folder.exists() else []
+    saved = {int(m.group(1)) for m in map(_PROCESS_FILE.fullmatch, names) if m}
+    if saved and jax.process_count() not in saved:
+      n = max(saved)
+      raise ConfigError(f"checkpoint {step} in {self.directory} was saved by {n} processes and "
+                        f"its data position is per process; resume it with {n} processes (any "
+                        f"device count or mesh shape), not {jax.process_count()}, or start a new "
+                        "workdir")
 
   def restore_latest(self, abstract_state: Any, data_iter: Any,
                      check_meta: Callable[[int, dict], bool]) -> tuple[Any, dict] | None:
@@ -184,7 +204,9 @@ def all_processes(ok: bool) -> bool:
 
 
 def abstract_like(state: Any) -> Any:
-  """ShapeDtypeStructs with the shardings of `state`, the restore target."""
+  """ShapeDtypeStructs with the shardings of `state`, the restore target: orbax reads each
+  device's shards of every array, so a checkpoint saved on another mesh shape, device count or
+  process count is resharded onto these."""
   return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
 
 

@@ -34,7 +34,7 @@ def describe(config: ConfigDict) -> str:
   """Processes, devices, the mesh `config` trains on and its batch split, one fact a line."""
   import jax  # pylint: disable=g-import-not-at-top
   from sslvl_jax import parallel  # pylint: disable=g-import-not-at-top
-  mesh = parallel.make_mesh(config.get("num_devices"))
+  mesh = parallel.config_mesh(config)
   parallel.check_batch_divides(config.global_batch_size, mesh)
   batch = config.global_batch_size
   kinds = ", ".join(sorted({d.device_kind for d in jax.devices()}))

@@ -15,18 +15,61 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from sslvl_jax.errors import ConfigError
 
-BATCH_AXES = "data"  # the mesh axes a batch is split over (the losses' axis_name)
+MESH_AXES = ("data", "fsdp")  # data parallel x parameter (FSDP) sharding, fsdp innermost
+BATCH_AXES = ("data", "fsdp")  # the mesh axes a batch is split over (the losses' axis_name)
+DEFAULT_MESH = {"data": -1, "fsdp": 1}
 
 
-def make_mesh(num_devices: int | None = None) -> Mesh:
-  """A 1-D data-parallel mesh over all (or the first `num_devices`) devices, Auto axis types."""
+def mesh_shape(n_devices: int, shape: Any = None) -> tuple[int, ...]:
+  """Sizes of MESH_AXES for `n_devices` from `config.mesh` ({axis: size}, -1: the rest)."""
+  given = dict(DEFAULT_MESH)
+  unknown = [k for k in (shape or {}) if k not in MESH_AXES]
+  if unknown:
+    raise ConfigError(f"mesh.{unknown[0]}: unknown mesh axis; the axes are "
+                      f"{', '.join(MESH_AXES)} (e.g. --config.mesh.fsdp=4)")
+  given.update(shape or {})
+  for k, v in given.items():
+    if isinstance(v, bool) or not isinstance(v, int) or (v < 1 and v != -1):
+      raise ConfigError(f"mesh.{k} must be a positive integer or -1 (the rest of the devices), "
+                        f"got {v!r}")
+  rest = [k for k in MESH_AXES if given[k] == -1]
+  if len(rest) > 1:
+    got = ", ".join(f"mesh.{k}=-1" for k in rest)
+    raise ConfigError(f"mesh: only one axis may be -1, got {got}; give the others a size")
+  fixed = int(np.prod([given[k] for k in MESH_AXES if given[k] != -1]))
+  sizes = ", ".join(f"mesh.{k}={given[k]}" for k in MESH_AXES if given[k] != -1)
+  if rest:
+    if n_devices % fixed:
+      raise ConfigError(f"{sizes} does not divide the {n_devices} devices; make it a divisor of "
+                        f"{n_devices} (mesh.{rest[0]}=-1 takes the rest)")
+    given[rest[0]] = n_devices // fixed
+  elif fixed != n_devices:
+    raise ConfigError(f"{sizes} makes {fixed} devices, not the {n_devices} devices to use; set one "
+                      f"axis to -1 (the rest) or make the product {n_devices} (or set num_devices)")
+  return tuple(given[k] for k in MESH_AXES)
+
+
+def make_mesh(num_devices: int | None = None, shape: Any = None) -> Mesh:
+  """The ("data", "fsdp") mesh over all (or the first `num_devices`) devices, Auto axis types.
+
+  `shape` is `config.mesh`, {"data": -1, "fsdp": 1} by default (-1: the rest of the devices):
+  plain data parallelism; fsdp > 1 splits the large parameters (see sslvl_jax.sharding).
+  """
   devices = jax.devices() if num_devices is None else jax.devices()[:num_devices]
-  return jax.make_mesh((len(devices),), ("data",),
-                       axis_types=(jax.sharding.AxisType.Auto,), devices=devices)
+  sizes = mesh_shape(len(devices), shape)
+  auto = jax.sharding.AxisType.Auto
+  return jax.make_mesh(sizes, MESH_AXES, axis_types=(auto,) * len(MESH_AXES), devices=devices)
+
+
+def config_mesh(config: Any) -> Mesh:
+  """The mesh a config trains on: `num_devices` and `mesh` (both optional)."""
+  shape = config.get("mesh")
+  shape = shape.to_dict() if hasattr(shape, "to_dict") else shape
+  return make_mesh(config.get("num_devices"), shape)
 
 
 def data_sharding(mesh: Mesh) -> NamedSharding:
-  """Sharding of a batch: leading axis split over the data axis."""
+  """Sharding of a batch: leading axis split over BATCH_AXES (all devices)."""
   return NamedSharding(mesh, P(BATCH_AXES))
 
 
@@ -48,7 +91,7 @@ def check_batch_divides(global_batch_size: int, mesh: Mesh) -> None:
 
 
 def host_to_global(mesh: Mesh, local_batch: Any) -> Any:
-  """Assemble each process's local batch (numpy pytree) into global jax.Arrays sharded on `data`."""
+  """Assemble each process's local batch (numpy pytree) into global arrays split over BATCH_AXES."""
   sharding = data_sharding(mesh)
   return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)),
                       local_batch)

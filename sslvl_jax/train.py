@@ -16,7 +16,7 @@ from etils import epath
 from jax.experimental import multihost_utils
 from ml_collections import ConfigDict
 
-from sslvl_jax import checkpoint, data, methods, metrics, optim, parallel
+from sslvl_jax import accumulate, checkpoint, data, methods, metrics, optim, parallel, sharding
 from sslvl_jax.errors import ConfigError, RunError
 from sslvl_jax.durations import to_steps
 from sslvl_jax.evals import tasks as eval_tasks
@@ -39,18 +39,34 @@ def check_skips(skipped: int, seen: int, max_fraction: float) -> None:
         "see the 'skipping unreadable record' log lines for the keys")
 
 
-def init_state(method: Method, tx_builder, rng: jax.Array, mesh) -> tuple[TrainState, Any]:
-  """Create the replicated TrainState directly on the mesh; returns (state, lr schedule)."""
-  params, model_state = method.init_model(rng)  # sets method.graphdef (host, cheap for tiny models)
-  tx, schedule = tx_builder(params)
+def initializer(method: Method, tx_builder, rng: jax.Array, mesh, rules: Any = None):
+  """(jitted init: rng -> TrainState born on its shards, the shardings, tx, lr schedule).
 
-  def make(params, model_state):
+  The state is never materialised whole: its shapes come from `jax.eval_shape`, each leaf's
+  sharding from `rules` (config.sharding_rules, see sslvl_jax.sharding; None: the default) and
+  one jit creates every leaf on its own shards.
+  """
+  abstract_params, _ = jax.eval_shape(method.init_model, rng)  # sets method.graphdef
+  tx, schedule = tx_builder(abstract_params)  # masks need only the paths and shapes
+
+  def make(rng):
+    params, model_state = method.init_model(rng)
     extras = method.init_extras(params, model_state, jax.random.fold_in(rng, 1))
     return TrainState(step=jnp.int32(0), params=params, opt_state=tx.init(params),
                       model_state=model_state, extras=extras, guard=new_guard())
 
-  rep = parallel.replicated(mesh)
-  state = jax.jit(make, out_shardings=rep)(params, model_state)
+  shardings = sharding.tree_shardings(jax.eval_shape(make, rng), mesh, rules)
+  return jax.jit(make, out_shardings=shardings), shardings, tx, schedule
+
+
+def init_state(method: Method, tx_builder, rng: jax.Array, mesh,
+               rules: Any = None) -> tuple[TrainState, Any]:
+  """The TrainState born sharded on the mesh (see `initializer`); returns (state, (tx, lr
+  schedule)). Records the shardings as `method.state_sharding` (make_train_step's default),
+  besides `method.graphdef` (set by init_model)."""
+  make, shardings, tx, schedule = initializer(method, tx_builder, rng, mesh, rules)
+  state = make(rng)
+  method.state_sharding = shardings
   return state, (tx, schedule)
 
 
@@ -69,17 +85,25 @@ def update_guard(guard: dict, ok: jax.Array, step: jax.Array) -> dict[str, jax.A
 
 
 def make_train_step(method: Method, tx: optax.GradientTransformation, schedule, mesh,
-                    skip_nonfinite: bool = False):
-  """The jitted, state-donating train step.
+                    skip_nonfinite: bool = False, state_sharding: Any = None):
+  """The jitted, state-donating train step; the state keeps `state_sharding` (default: the
+  shardings init_state gave it, `method.state_sharding`).
 
   Every step checks on device that the loss, gradient norm and new parameter norm are finite and
   counts the steps that are not in `state.guard`; with `skip_nonfinite` such a step's update is
-  not applied (parameters, optimiser, model and method state stay as they were).
+  not applied (parameters, optimiser, model and method state stay as they were). The gradient
+  comes from `config.microbatches` micro-batches (sslvl_jax.accumulate); collapse monitors are
+  computed only on the steps whose metrics are logged.
   """
+  config = method.config
+  grad_fn = accumulate.value_and_grad(method, config.get("microbatches", 1), mesh)
+  log_every, total_steps = config.get("log_every_steps", 10), config.schedule["total_steps"]
+
   def step_fn(state: TrainState, batch: dict, rng: jax.Array) -> tuple[TrainState, dict]:
     rng = jax.random.fold_in(rng, state.step)
-    grad_fn = jax.value_and_grad(method.forward_loss, has_aux=True)
-    (loss, (m, model_state, extras)), grads = grad_fn(state.params, state, batch, rng)
+    done = state.step + 1
+    monitor = (done % log_every == 0) | (done == total_steps)  # the steps whose metrics are logged
+    (loss, (m, model_state, extras)), grads = grad_fn(state.params, state, batch, rng, monitor)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     params, extras = method.after_update(params, extras, state.step)
@@ -97,7 +121,8 @@ def make_train_step(method: Method, tx: optax.GradientTransformation, schedule, 
     return TrainState(state.step + 1, *new, guard=guard), out
 
   rep, dat = parallel.replicated(mesh), parallel.data_sharding(mesh)
-  return jax.jit(step_fn, in_shardings=(rep, dat, rep), out_shardings=(rep, rep), donate_argnums=0)
+  st = state_sharding if state_sharding is not None else getattr(method, "state_sharding", rep)
+  return jax.jit(step_fn, in_shardings=(st, dat, rep), out_shardings=(st, rep), donate_argnums=0)
 
 
 @dataclasses.dataclass
@@ -122,7 +147,7 @@ def setup(config: ConfigDict, workdir: str, *, step: int | None = None,
   newest that loads, see Checkpointer.restore_latest; a config change outside `allow_change`
   and the safe keys is refused)."""
   config = copy.deepcopy(config)
-  mesh = parallel.make_mesh(config.get("num_devices"))
+  mesh = parallel.config_mesh(config)  # num_devices, mesh: {"data": -1, "fsdp": 1}
   parallel.check_batch_divides(config.global_batch_size, mesh)
   train_data, num_examples = data.train_split(config.data)
   if num_examples < config.global_batch_size:
@@ -139,6 +164,8 @@ def setup(config: ConfigDict, workdir: str, *, step: int | None = None,
     config.schedule = {"total_steps": total_steps, "steps_per_epoch": steps_per_epoch}
     # resolved like the durations, so a resume on a host with other cores is seen as a change
     config.data.worker_count = data.resolve_worker_count(config.data.get("worker_count", 0))
+  accumulate.check_microbatches(config.global_batch_size, mesh.devices.size,
+                                config.get("microbatches", 1))
   method = methods.get(config.method)(config, mesh)
   evaluators = eval_tasks.build_all(config.get("evals", {}), method, mesh)  # checks their data
   local_bs = config.global_batch_size // jax.process_count()
@@ -149,7 +176,8 @@ def setup(config: ConfigDict, workdir: str, *, step: int | None = None,
   tx_builder = lambda p: optim.build(config.optim, p, total_steps=total_steps,  # noqa: E731
                                      global_batch_size=config.global_batch_size,
                                      steps_per_epoch=steps_per_epoch)
-  state, (tx, schedule) = init_state(method, tx_builder, jax.random.key(config.seed), mesh)
+  state, (tx, schedule) = init_state(method, tx_builder, jax.random.key(config.seed), mesh,
+                                     config.get("sharding_rules"))
   ckpt = checkpoint.Checkpointer(workdir, max_to_keep=config.get("keep_checkpoints", 3))
   checkpoint.check_shared(workdir)  # before any restore or save: hosts agree on the storage
   target = checkpoint.abstract_like(state)

@@ -38,12 +38,15 @@ def _assert_trees_close(a, b, rtol=1e-5):
                                err_msg=jax.tree_util.keystr(path))
 
 
-@pytest.mark.parametrize("recipe,ks", [(clip_vitb16, (4,)), (siglip_vitb16, (2,)),
-                                       (unicl_vitb16, (4,))])
-def test_gradient_caching_equals_the_full_batch_gradient(tmp_path, recipe, ks):
+@pytest.mark.parametrize("recipe,ks,fsdp", [(clip_vitb16, (4,), 1), (siglip_vitb16, (2,), 1),
+                                            (unicl_vitb16, (4,), 4)])
+def test_gradient_caching_equals_the_full_batch_gradient(tmp_path, recipe, ks, fsdp):
   c = recipe.get_config("smoke")
   c.global_batch_size = 32  # 4 examples per device on 8 devices
+  c.mesh.fsdp = fsdp  # 4: parameters sharded, the gradient sums stay on their shards
   s = train.setup(c, str(tmp_path))
+  if fsdp > 1:
+    assert any("fsdp" in str(x.sharding.spec) for x in jax.tree.leaves(s.state.params))
   assert s.method.has_embedding_loss()
   batch, rng = next(s.batches), jax.random.key(1)
   loss1, m1, g1 = _grads(s, 1, batch, rng)

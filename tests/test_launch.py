@@ -113,7 +113,7 @@ def test_dry_run_prints_cluster_and_touches_nothing(tmp_path, cluster):
   assert r.stdout.splitlines() == [
       "process 0 of 1 (jax.distributed initialised: False)",
       "devices: 8 local, 8 global, cpu (cpu)",
-      "mesh: {'data': 8} over 8 devices",
+      "mesh: {'data': 8, 'fsdp': 1} over 8 devices",
       "batch: 16 global, 16 per process, 2 per device"]
   assert not workdir.exists()
 

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from sslvl_jax import losses, parallel
+from sslvl_jax import losses
 from tests.test_losses import normed, raw, scalar
 
 D = 8
