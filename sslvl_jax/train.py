@@ -266,6 +266,10 @@ def run(config: ConfigDict, workdir: str, *, allow_change: tuple[str, ...] = (),
   write_config(workdir, config, start)
   if start:
     writer.log(f"resumed from step {start} in {ckpt.directory}")
+  split = sharding.describe(state)
+  if split:
+    writer.log(f"{len(split)} of {len(jax.tree.leaves(state))} state arrays split over the mesh "
+               f"{dict(zip(mesh.axis_names, mesh.devices.shape))}, e.g. {split[0]}")
   rng = jax.random.key(config.seed)
   policy, max_run = config.get("nonfinite", "stop"), config.get("max_consecutive_skips", 10)
   train_step = make_train_step(method, tx, schedule, mesh, skip_nonfinite=policy == "skip")

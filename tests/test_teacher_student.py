@@ -154,3 +154,16 @@ def test_dino_one_output_dominates_without_centering(tmp_path):
   assert _tail(ablated, "train/teacher_top_mass") > 1.6 * _tail(healthy, "train/teacher_top_mass")
   rules = dino_vits16.get_config("digits").collapse_rules
   assert not _trips(healthy, rules)
+
+
+def test_collapse_monitors_only_on_log_steps_and_on_a_row_subsample():
+  from sslvl_jax.methods.ssl import MONITOR_ROWS, collapse_monitors  # pylint: disable=g-import-not-at-top
+  z = jax.random.normal(jax.random.key(0), (MONITOR_ROWS + 44, 32))
+  fn = jax.jit(collapse_monitors)
+  on, off = fn(z, jnp.bool_(True)), fn(z, jnp.bool_(False))
+  head = z[:MONITOR_ROWS]  # computed independently on the subsample
+  s = np.linalg.svd(np.asarray(head, np.float64), compute_uv=False)
+  p = s / s.sum() + 1e-7
+  np.testing.assert_allclose(float(on["rankme"]), np.exp(-(p * np.log(p)).sum()), rtol=1e-4)
+  np.testing.assert_allclose(float(on["embed_std"]), float(metrics.embedding_std(head)), rtol=1e-6)
+  assert all(float(v) == 0.0 for v in off.values())  # a non-log step computes nothing
