@@ -157,10 +157,6 @@ class Checkpointer:
       multihost_utils.sync_global_devices(f"checkpoint {step} moved aside")
     self.manager.reload()
 
-  def wait(self) -> None:
-    """Block until pending saves are committed."""
-    self.manager.wait_until_finished()
-
   def close(self) -> None:
     """Finish pending saves and release resources."""
     self.manager.wait_until_finished()

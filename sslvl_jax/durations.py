@@ -25,8 +25,3 @@ def to_steps(cfg: Mapping[str, Any], name: str, steps_per_epoch: float, global_b
   if default is None:
     raise ConfigError(f"set {name}_steps, {name}_epochs or {name}_examples in the config")
   return default
-
-
-def epoch_value(value: Any, steps_per_epoch: float) -> int:
-  """Steps of a duration given as a plain number of epochs (inside rule lists)."""
-  return int(round(float(value) * steps_per_epoch))

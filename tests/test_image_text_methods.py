@@ -13,10 +13,9 @@ from sslvl_jax.methods.base import StepContext
 def _losses(s, params, batch, rng):
   """(SLIP loss, its metrics, plain CLIP loss of the same model with the CLIP term's rng)."""
   model = s.method.merge(params, s.state.model_state)
-  ctx = StepContext(rng=rng, step=s.state.step, model_state=s.state.model_state)
+  ctx = StepContext(rng=rng, step=s.state.step)
   slip, m, _ = s.method.loss(model, s.state.extras, batch, ctx)
-  clip_ctx = StepContext(rng=jax.random.split(rng, 4)[0], step=s.state.step,
-                         model_state=s.state.model_state)
+  clip_ctx = StepContext(rng=jax.random.split(rng, 4)[0], step=s.state.step)
   model = s.method.merge(params, s.state.model_state)
   emb, extras = image_text.ImageText.embeddings(s.method, model, s.state.extras, batch, clip_ctx)
   clip, _, _ = image_text.Clip.embedding_loss(s.method, model, extras, emb, batch, clip_ctx)

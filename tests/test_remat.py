@@ -49,9 +49,9 @@ def test_unknown_remat_is_named_with_the_choices():
     check_remat("everything")
 
 
-def test_vit_remat_matches_plain_with_stochastic_depth_and_block_cls():
+def test_vit_remat_matches_plain_with_stochastic_depth():
   images = jax.random.normal(jax.random.key(1), (4, 32, 32, 3))
-  fn = lambda m: m(images, train=True, rng=jax.random.key(2), return_block_cls=2)
+  fn = lambda m: m(images, train=True, rng=jax.random.key(2))
   kw = dict(drop_path_rate=0.3, num_registers=1)
   model = build("vit_micro", rngs=nnx.Rngs(0), **kw)
   remat = _outputs_and_grads(_with_remat(model, "block"), fn)

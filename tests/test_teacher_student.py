@@ -1,4 +1,4 @@
-"""BYOL / SimSiam / DINO: the teacher as an optax EMA state, schedules, and the lecture's ablations."""
+"""BYOL / SimSiam / DINO: the teacher as an optax EMA state, schedules, and the collapse ablations."""
 
 import json
 import math
@@ -87,9 +87,9 @@ def test_dino_teacher_temperature_warms_up_per_epoch(tmp_path):
       assert float(s.method.teacher_temp(step)) == pytest.approx(want, rel=1e-6)
 
 
-# ---- The lecture's ablations, side by side with the healthy run on the built-in digits ----------
+# ---- The papers' collapse ablations, side by side with the healthy run on the built-in digits ---
 # Each test trains `:digits` twice with the same seed (monitors logged, rules off), asserts the
-# lecture's claim as a ratio between the two runs, and checks the config's collapse rules: silent on
+# paper's claim as a ratio between the two runs, and checks the config's collapse rules: silent on
 # the healthy run (and, for SimSiam, tripping on the ablated one). Margins were measured over seeds
 # 0-4 (README, "Collapse tests"); one device, so the runs are cheap and the mesh is not the subject.
 

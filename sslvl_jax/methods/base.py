@@ -39,13 +39,12 @@ class StepContext:
 
   rng: jax.Array
   step: jax.Array
-  model_state: Any
   monitor: jax.Array | bool = True  # compute collapse monitors (train.py: only on log steps)
 
 
 def context(state: TrainState, rng: jax.Array, monitor: jax.Array | bool = True) -> StepContext:
   """The StepContext of a step on `state`."""
-  return StepContext(rng=rng, step=state.step, model_state=state.model_state, monitor=monitor)
+  return StepContext(rng=rng, step=state.step, monitor=monitor)
 
 
 class Method:

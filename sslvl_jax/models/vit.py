@@ -98,24 +98,18 @@ class ViT(nnx.Module):
       x = self.ln_pre(x)
     return x
 
-  def __call__(self, images: jax.Array, *, train: bool = False, rng: jax.Array | None = None,
-               return_block_cls: int = 0) -> dict[str, jax.Array]:
+  def __call__(self, images: jax.Array, *, train: bool = False, rng: jax.Array | None = None
+               ) -> dict[str, jax.Array]:
     """Encode images; stochastic depth runs only with `train` and an `rng`."""
     rng = rng if train else None
     x = self.embed(images)
     rngs = [None] * len(self.blocks) if rng is None else list(jax.random.split(rng, len(self.blocks)))
-    block_cls = []
-    for i, (blk, r) in enumerate(zip(self.blocks, rngs)):
+    for blk, r in zip(self.blocks, rngs):
       x = run_block(blk, self.remat, x, rng=r)
-      if i >= len(self.blocks) - return_block_cls:
-        block_cls.append(self.norm(x[:, 0]))
     x = self.norm(x)
     patches = x[:, 1 + self.num_registers:]
     pooled = x[:, 0] if self.pool == "cls" else patches.mean(axis=1)
-    out = {"pooled": pooled, "tokens": x, "patch_tokens": patches}
-    if return_block_cls:
-      out["block_cls"] = jnp.concatenate(block_cls, axis=-1)
-    return out
+    return {"pooled": pooled, "tokens": x, "patch_tokens": patches}
 
   def last_attention(self, images: jax.Array) -> jax.Array:
     """Attention weights (b, heads, t, t) of the last block, for DINO attention maps."""
