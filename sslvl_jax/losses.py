@@ -203,16 +203,16 @@ def _global_labels(b: int, axis_name: str | None) -> jax.Array:
   return parallel.axis_index(axis_name) * b + jnp.arange(b)
 
 
-def _l2_normalize(x: jax.Array, eps: float = 1e-12) -> jax.Array:
-  """Row-wise L2 normalisation in f32, x / sqrt(max(|x|^2, eps)) as in the BYOL reference."""
-  x = x.astype(jnp.float32)
-  return x * jax.lax.rsqrt(jnp.maximum(jnp.sum(x * x, axis=-1, keepdims=True), eps))
+def l2_normalize(x: jax.Array, eps: float = 1e-12) -> jax.Array:
+  """Row-wise L2 normalisation in f32: x / max(|x|, eps), torch's F.normalize (the one copy)."""
+  x = jnp.asarray(x, jnp.float32)
+  return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), eps)
 
 
 def _cosine_to_target(p: jax.Array, z: jax.Array, stop_gradient: bool = True) -> jax.Array:
   """Per-row cos(p, stop_gradient(z)) of raw vectors (no stop-gradient only for ablations)."""
   z = jax.lax.stop_gradient(z) if stop_gradient else z
-  return jnp.sum(_l2_normalize(p) * _l2_normalize(z), axis=-1)
+  return jnp.sum(l2_normalize(p) * l2_normalize(z), axis=-1)
 
 
 def _soft_cross_entropy(logits: jax.Array, targets: jax.Array) -> jax.Array:
@@ -295,11 +295,11 @@ def moco_v3_loss(q1: jax.Array, q2: jax.Array, k1: jax.Array, k2: jax.Array,
   labels = _global_labels(q1.shape[0], axis_name)
 
   def ctr(q, k):
-    k = jax.lax.stop_gradient(_l2_normalize(k))
+    k = jax.lax.stop_gradient(l2_normalize(k))
     k_all = parallel.all_gather(k, axis_name)
     if chunk_size:
-      return _streamed_cross_entropy(_l2_normalize(q), k, k_all, 1.0 / temperature, chunk_size)
-    return _cross_entropy(_l2_normalize(q) @ k_all.T / temperature, labels)
+      return _streamed_cross_entropy(l2_normalize(q), k, k_all, 1.0 / temperature, chunk_size)
+    return _cross_entropy(l2_normalize(q) @ k_all.T / temperature, labels)
 
   return 2.0 * temperature * _global_mean(ctr(q1, k2) + ctr(q2, k1), axis_name)
 

@@ -13,6 +13,7 @@ import numpy as np
 from etils import epath
 
 from sslvl_jax.errors import RunError
+from sslvl_jax.losses import l2_normalize
 from sslvl_jax.workdir import is_url
 
 
@@ -150,8 +151,7 @@ def only_when(pred: jax.Array | bool, fn: Callable[[], Any]) -> Any:
 
 def embedding_std(z: jax.Array) -> jax.Array:
   """Mean per-dimension std of L2-normalised embeddings: ~1/sqrt(d) healthy, -> 0 on collapse."""
-  z = z.astype(jnp.float32)
-  z = z / jnp.maximum(jnp.linalg.norm(z, axis=-1, keepdims=True), 1e-6)
+  z = l2_normalize(z)
   return jnp.std(z, axis=0).mean()
 
 

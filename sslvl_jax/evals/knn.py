@@ -17,7 +17,8 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from sslvl_jax import parallel
-from sslvl_jax.evals.common import l2_normalize, similarity
+from sslvl_jax.evals.common import similarity
+from sslvl_jax.losses import l2_normalize
 
 
 def _chunk_scores(test: jax.Array, bank: jax.Array, bank_labels: jax.Array, *, n_train: int, k: int,

@@ -8,7 +8,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sslvl_jax.evals.common import l2_normalize, similarity
+from sslvl_jax.evals.common import similarity
+from sslvl_jax.losses import l2_normalize
 
 
 def retrieval_recalls(image_embeds: jax.Array, text_embeds: jax.Array, text_to_image: jax.Array,

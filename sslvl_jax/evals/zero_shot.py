@@ -19,7 +19,8 @@ import numpy as np
 
 from sslvl_jax.data import builtin
 from sslvl_jax.errors import ConfigError
-from sslvl_jax.evals.common import l2_normalize, similarity
+from sslvl_jax.evals.common import similarity
+from sslvl_jax.losses import l2_normalize
 
 
 def class_text_embeddings(encode_text_fn: Callable[[np.ndarray], jax.Array],

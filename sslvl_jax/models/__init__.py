@@ -11,7 +11,8 @@ from flax import nnx
 from sslvl_jax.models.heads import HEADS, DINOHead, MLPHead
 from sslvl_jax.models.resnet import RESNET_STAGES, ResNet
 from sslvl_jax.models.text import TextTransformer
-from sslvl_jax.models.two_tower import TwoTower, l2_normalize
+from sslvl_jax.losses import l2_normalize
+from sslvl_jax.models.two_tower import TwoTower
 from sslvl_jax.models.vit import ViT
 from sslvl_jax.errors import ConfigError
 from sslvl_jax.registry import Registry

@@ -17,7 +17,7 @@ from flax import nnx
 
 from sslvl_jax.models.layers import ACTIVATIONS, Dtype, trunc_normal
 from sslvl_jax.models.resnet import BN_EPS, BN_MOMENTUM
-from sslvl_jax.models.two_tower import l2_normalize
+from sslvl_jax.losses import l2_normalize
 from sslvl_jax.registry import Registry
 
 HEADS: Registry = Registry("head")
@@ -195,7 +195,7 @@ class DINOHead(nnx.Module):
                                        param_dtype=param_dtype, rngs=rngs)
 
   def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
-    return self.last_layer(l2_normalize(self.mlp(x, train=train), eps=1e-12))
+    return self.last_layer(l2_normalize(self.mlp(x, train=train)))
 
 
 for _name, _factory in {

@@ -6,13 +6,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from sslvl_jax.losses import l2_normalize
 from sslvl_jax.models.layers import Dtype
-
-
-def l2_normalize(x: jax.Array, eps: float = 1e-6) -> jax.Array:
-  """Row-wise L2 normalisation in f32."""
-  x = x.astype(jnp.float32)
-  return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), eps)
 
 
 class TwoTower(nnx.Module):
