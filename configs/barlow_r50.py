@@ -11,6 +11,7 @@ epochs, cosine to 0.001 x the peak (`end_lr` is absolute: set from the batch and
 recompute it when overriding them on the command line). Augmentations: BYOL's asymmetric set
 (blur 1.0 / 0.1, solarise 0 / 0.2) with torchvision semantics, bicubic crops of scale (0.08, 1).
 `:digits` trains the same recipe at CPU scale on the built-in digits; `:smoke` runs 4 steps.
+`:batch=N` (also `:digits,batch=N`) sets the global batch and the end_lr that follows from it.
 """
 
 from ml_collections import ConfigDict
@@ -21,13 +22,9 @@ VARIANTS = ("digits", "smoke")
 BIAS_AND_NORM = r"/(bias|scale)$"  # the reference's 1-D parameters: biases and BN scales/offsets
 
 
-def set_end_lr(c: ConfigDict, fraction: float = 0.001) -> None:
-  """Cosine down to `fraction` of the peak lr (lr_per_256 x batch / 256)."""
-  c.optim.end_lr = fraction * c.optim.lr_per_256 * c.global_batch_size / 256
-
-
 def get_config(arg: str | None = None) -> ConfigDict:
-  common.check_variant(__file__, arg, VARIANTS)
+  arg = common.parse_arg(arg, variant="", batch=0)  # batch 0: the recipe's (or variant's)
+  common.check_variant(__file__, arg.variant, VARIANTS)
   c = ConfigDict()
   c.method = "barlow_twins"
   c.seed = 0
@@ -47,14 +44,23 @@ def get_config(arg: str | None = None) -> ConfigDict:
                             lr_multiplier_rules=((BIAS_AND_NORM, 0.0048 / 0.2),)))
   c.evals = ConfigDict(dict(knn=common.knn_eval(20_000)))
   c.collapse_rules = (("train/embed_std", "<", 0.001),)  # healthy 1/sqrt(8192) = 0.011
-  if arg in ("digits", "smoke"):
-    (common.ssl_on_digits if arg == "digits" else common.ssl_smoke)(
-        c, backbone="resnet18", crop_groups=((16, (0.35, 1.0), 2),))
-    c.data.image_size = 16  # 8 x 8 digits: 16 px keeps every pixel
-    hidden, out = (256, 128) if arg == "digits" else (32, 16)
-    c.model.heads.projector.update(hidden_dim=hidden, out_dim=out)
-    # LARS with eta 1e-3 takes steps of ~lr x 1e-3 x |w|: at batch 128 the linearly scaled lr
-    # (0.1) barely moves the weights in 300 steps: peak 1.0 here (the ImageNet recipe's is 1.6).
+  if arg.variant in ("digits", "smoke"):  # CPU scale: the built-in digits, micro ResNet
+    # 8 x 8 digits: 16 px keeps every pixel
+    c.data = common.digits_images(crop_groups=((16, (0.35, 1.0), 2),), image_size=16)
+    c.model.backbone = common.micro_resnet()
+    c.model.dtype = "float32"
+    # LARS kept. With eta 1e-3 it takes steps of ~lr x 1e-3 x |w|: at batch 128 the linearly
+    # scaled lr (0.1) barely moves the weights in 300 steps: peak 1.0 here (ImageNet's is 1.6).
     c.optim.lr_per_256 = 2.0
-  set_end_lr(c)
+  if arg.variant == "digits":
+    c.model.heads.projector.update(hidden_dim=256, out_dim=128)
+    common.train_in_steps(c, batch=128, steps=300, warmup_steps=30, log_every=25,
+                          checkpoint_every=1000)
+    c.evals = ConfigDict(dict(knn=common.knn_eval(0, batch_size=256)))
+  elif arg.variant == "smoke":
+    c.model.heads.projector.update(hidden_dim=32, out_dim=16)
+    common.smoke_run(c)
+  if arg.batch:
+    c.global_batch_size = arg.batch
+  c.optim.end_lr = 0.001 * c.optim.lr_per_256 * c.global_batch_size / 256  # cosine to 0.001 x peak
   return common.loop_fields(c)

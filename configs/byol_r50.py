@@ -16,7 +16,8 @@ VARIANTS = ("digits", "smoke")
 
 
 def get_config(arg: str | None = None) -> ConfigDict:
-  common.check_variant(__file__, arg, VARIANTS)
+  arg = common.parse_arg(arg, variant="")
+  common.check_variant(__file__, arg.variant, VARIANTS)
   c = ConfigDict()
   c.method = "byol"
   c.seed = 0
@@ -39,13 +40,21 @@ def get_config(arg: str | None = None) -> ConfigDict:
                             trust_coefficient=1e-3, warmup_epochs=10))
   c.evals = ConfigDict(dict(knn=common.knn_eval(20_000)))
   c.collapse_rules = (("train/embed_std", "<", 0.01),)
-  if arg == "digits":
-    common.cpu_adamw(common.ssl_on_digits(c))
-    c.teacher.momentum = 0.99
+  if arg.variant in ("digits", "smoke"):  # CPU scale: the built-in digits, micro ViT
+    c.data = common.digits_images(crop_groups=((32, (0.7, 1.0), 2),))
+    c.model.backbone = common.micro_vit()
+    c.model.dtype = "float32"
+  if arg.variant == "digits":
     c.model.heads.projector.update(hidden_dim=256, out_dim=64)
     c.model.heads.predictor.update(hidden_dim=256, out_dim=64)
-  elif arg == "smoke":
-    common.ssl_smoke(c)
+    c.teacher.momentum = 0.99
+    # AdamW instead of LARS: the paper's LARS settings assume batches of 512-4096.
+    c.optim = ConfigDict(dict(name="adamw", lr=1e-3, weight_decay=0.05))
+    common.train_in_steps(c, batch=128, steps=1500, warmup_steps=30, log_every=25,
+                          checkpoint_every=1000)
+    c.evals = ConfigDict(dict(knn=common.knn_eval(0, batch_size=256)))
+  elif arg.variant == "smoke":
     c.model.heads.projector.update(hidden_dim=32, out_dim=16)
     c.model.heads.predictor.update(hidden_dim=32, out_dim=16)
+    common.smoke_run(c)
   return common.loop_fields(c)

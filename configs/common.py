@@ -1,7 +1,7 @@
-"""Helpers shared by recipe configs: variant check, loop fields, smoke shrink, built-in data."""
+"""Helpers shared by recipe configs: typed config arguments, loop fields, data, small variants."""
 
 import os
-from typing import Sequence
+from typing import Any, Sequence
 
 from ml_collections import ConfigDict, config_dict
 
@@ -9,13 +9,55 @@ from sslvl_jax.errors import ConfigError
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+TRUE, FALSE = ("true", "1", "yes", "on"), ("false", "0", "no", "off")
 
 
-def check_variant(config_file: str, arg: str | None, known: Sequence[str]) -> None:
-  """Raise ConfigError unless `arg` (the text after `:` in --config) is a variant of the recipe."""
-  if arg and arg not in known:
+def _typed(key: str, text: str, default: Any) -> Any:
+  """`text` as a value of `default`'s type (bool, int, float, str), or ConfigError naming `key`."""
+  kind = type(default)
+  if kind is bool:
+    if text.lower() in TRUE + FALSE:
+      return text.lower() in TRUE
+  elif kind in (int, float):
+    try:
+      return kind(text)
+    except ValueError:
+      pass
+  elif kind is str:
+    return text
+  else:
+    raise TypeError(f"config argument {key!r}: default of type {kind.__name__} is not supported")
+  raise ConfigError(f"config argument {key}={text!r} does not parse as {kind.__name__} "
+                    f"(default {default!r})")
+
+
+def parse_arg(arg: str | None, **defaults: Any) -> ConfigDict:
+  """The recipe arguments `defaults` updated from `--config=x.py:ARG`.
+
+  ARG is comma-separated `key=value` items, each value parsed as the type of the key's default
+  (bool, int, float, str); a bare word `w` means `variant=w`, so `x.py:smoke` is
+  `x.py:variant=smoke`. An unknown key or a value that does not parse raises a one-line
+  ConfigError. None or '' gives the defaults.
+  """
+  out = dict(defaults)
+  for item in (arg or "").split(","):
+    item = item.strip()
+    if not item:
+      continue
+    key, eq, text = item.partition("=")
+    key, text = (key.strip(), text.strip()) if eq else ("variant", item)
+    if key not in defaults:
+      raise ConfigError(f"unknown config argument {key!r} in {arg!r}; "
+                        f"known: {', '.join(defaults) or '(none)'}")
+    out[key] = _typed(key, text, defaults[key])
+  return ConfigDict(out)
+
+
+def check_variant(config_file: str, variant: str | None, known: Sequence[str]) -> None:
+  """Raise ConfigError unless `variant` (from the text after `:` in --config) is in `known`."""
+  if variant and variant not in known:
     folder, name = os.path.split(os.path.abspath(config_file))
-    raise ConfigError(f"{os.path.basename(folder)}/{name}: unknown variant {arg!r}; "
+    raise ConfigError(f"{os.path.basename(folder)}/{name}: unknown variant {variant!r}; "
                       f"known: {', '.join(known)} (or no argument for the paper recipe)")
 
 
@@ -32,7 +74,8 @@ def loop_fields(c: ConfigDict) -> ConfigDict:
       # ("data", "fsdp") mesh sizes, -1: the rest of the devices; fsdp > 1 shards the state
       mesh=ConfigDict(dict(data=-1, fsdp=1)),
       # (regex over a TrainState leaf path, spec), first match wins: see sslvl_jax/sharding.py
-      sharding_rules=((".*", "fsdp"),))
+      sharding_rules=((".*", "fsdp"),),
+      collapse_rules=())  # (metric, '<' | '>', threshold): stop when a logged metric crosses it
   for key, value in defaults.items():
     if key not in c:
       c[key] = value
@@ -46,15 +89,16 @@ def data_config(**fields) -> ConfigDict:
   str_field = lambda: config_dict.placeholder(str)  # noqa: E731
   # worker_count: decode processes (-1: one per core this process may use, less one);
   # prefetch_batches: batches put on the devices while the step runs (0: none);
-  # streaming (webdataset): read shards in order, no index; needs num_examples.
+  # streaming (webdataset): read shards in order, no index; needs num_examples;
+  # image_key / label_key: TFDS feature names; lowercase: the tokenizer lowercases captions.
   d = dict(name="digits", splits=dict(train="", test=""), image_size=224, tokenizer="",
-           context_length=77, worker_count=0, prefetch_batches=2, max_skip_fraction=0.05,
-           streaming=False, resampled=False, shuffle_buffer=0,
+           context_length=77, lowercase=True, worker_count=0, prefetch_batches=2,
+           max_skip_fraction=0.05, streaming=False, resampled=False, shuffle_buffer=0,
            num_examples=config_dict.placeholder(int),
            image_column="filepath", caption_column="title", label_column=str_field(),
            image_root=str_field(), text_ext="txt", dataset=str_field(), data_dir=str_field(),
-           text_key=str_field(), crops=str_field(), eval_resize_ratio=1.0,
-           crop_groups=config_dict.placeholder(tuple),
+           image_key="image", label_key="label", text_key=str_field(), crops=str_field(),
+           eval_resize_ratio=1.0, crop_groups=config_dict.placeholder(tuple),
            train_crop_scale=config_dict.placeholder(tuple))
   d.update(fields)
   return ConfigDict(d)
@@ -67,50 +111,11 @@ def digits_data(**overrides) -> ConfigDict:
                         **overrides})
 
 
-def drop(c: ConfigDict, *keys: str) -> None:
-  """Remove `keys` from a ConfigDict if present (durations given in other units, etc.)."""
-  for k in keys:
-    if k in c:
-      del c[k]
-
-
-def vl_on_digits(c: ConfigDict, steps: int = 600) -> ConfigDict:
-  """An image-text recipe at CPU scale on the built-in digits (quickstart-sized towers)."""
-  c.data = digits_data()
-  c.model.image = ConfigDict(dict(name="vit_micro", image_size=32, patch_size=8))
-  c.model.text = ConfigDict(dict(name="text_micro", **{k: v for k, v in c.model.text.items()
-                                                       if k in ("causal", "pool")}))
-  c.model.embed_dim = 64
-  c.model.dtype = "float32"
-  c.global_batch_size, c.total_steps = 128, steps
-  drop(c, "total_examples", "total_epochs")
-  drop(c.optim, "warmup_epochs", "warmup_examples")
-  c.optim.update(warmup_steps=50, weight_decay=0.1)
-  drop(c.optim, "lr_per_256", "lr_sqrt")
-  c.optim.lr = 2e-3
-  c.log_every_steps, c.checkpoint_every_steps = 50, 1000
-  c.evals = ConfigDict(dict(zero_shot=dict(
-      type="zero_shot", split="test", classnames="digits", templates="digits_eval",
-      every_steps=0, batch_size=128)))
-  return c
-
-
-def shrink_to_smoke(c: ConfigDict, *, text: bool = True) -> ConfigDict:
-  """A few steps of the same recipe on the built-in data with micro towers (`--config=x.py:smoke`)."""
-  c.data = digits_data()
-  c.model.image = ConfigDict(dict(name="vit_micro", image_size=32, patch_size=8))
-  if text:
-    c.model.text = ConfigDict(dict(name="text_micro", **{k: v for k, v in c.model.text.items()
-                                                         if k in ("causal", "pool")}))
-    c.model.embed_dim = 32
-  c.model.dtype = "float32"
-  c.global_batch_size, c.total_steps = 16, 4
-  drop(c, "total_examples", "total_epochs")
-  drop(c.optim, "warmup_epochs", "warmup_examples")
-  c.optim.warmup_steps = 1
-  c.log_every_steps, c.checkpoint_every_steps = 2, 2
-  c.evals = ConfigDict()
-  return c
+def digits_images(crop_groups: tuple, image_size: int = 32) -> ConfigDict:
+  """The built-in digits as image-only data: `crop_groups` crops at `image_size`, no tokenizer."""
+  d = digits_data(crop_groups=crop_groups, crops=None, image_size=image_size)
+  drop(d, "tokenizer")
+  return d
 
 
 def imagenet_data(crops: str, **overrides) -> ConfigDict:
@@ -121,6 +126,49 @@ def imagenet_data(crops: str, **overrides) -> ConfigDict:
                                max_skip_fraction=0.01), **overrides})
 
 
+def drop(c: ConfigDict, *keys: str) -> None:
+  """Remove `keys` from a ConfigDict if present (durations given in other units, etc.)."""
+  for k in keys:
+    if k in c:
+      del c[k]
+
+
+def micro_vit(**overrides) -> ConfigDict:
+  """The quickstart's image tower: vit_micro at 32 px with 8 px patches (`overrides` on top)."""
+  return ConfigDict({**dict(name="vit_micro", image_size=32, patch_size=8), **overrides})
+
+
+def micro_resnet() -> ConfigDict:
+  """A quarter-width ResNet-18 with the CIFAR stem (3x3 conv, no max-pool) for small images."""
+  return ConfigDict(dict(name="resnet18", cifar_stem=True, width_multiplier=0.25))
+
+
+def micro_towers(c: ConfigDict, embed_dim: int) -> None:
+  """Set model.image to `micro_vit()`, model.text to text_micro (keeping the recipe's causal and
+  pool) and model.embed_dim to `embed_dim`."""
+  c.model.image = micro_vit()
+  c.model.text = ConfigDict(dict(name="text_micro", **{k: v for k, v in c.model.text.items()
+                                                       if k in ("causal", "pool")}))
+  c.model.embed_dim = embed_dim
+
+
+def train_in_steps(c: ConfigDict, *, batch: int, steps: int, warmup_steps: int, log_every: int,
+                   checkpoint_every: int) -> None:
+  """Set global_batch_size, total_steps, optim.warmup_steps, log_every_steps and
+  checkpoint_every_steps; drop the durations in other units (total_epochs/examples,
+  optim.warmup_epochs/examples)."""
+  drop(c, "total_epochs", "total_examples")
+  drop(c.optim, "warmup_epochs", "warmup_examples")
+  c.global_batch_size, c.total_steps, c.optim.warmup_steps = batch, steps, warmup_steps
+  c.log_every_steps, c.checkpoint_every_steps = log_every, checkpoint_every
+
+
+def smoke_run(c: ConfigDict) -> None:
+  """`:smoke`'s loop: 4 steps of 16 examples, warm-up 1, log and checkpoint every 2, no evals."""
+  train_in_steps(c, batch=16, steps=4, warmup_steps=1, log_every=2, checkpoint_every=2)
+  c.evals = ConfigDict()
+
+
 def knn_eval(every_steps: int, **overrides) -> ConfigDict:
   """DINO's k-NN protocol (k=20, T=0.07) on train -> test features."""
   d = dict(type="knn", k=20, temperature=0.07, train_split="train", test_split="test",
@@ -129,39 +177,18 @@ def knn_eval(every_steps: int, **overrides) -> ConfigDict:
   return ConfigDict(d)
 
 
-def ssl_on_digits(c: ConfigDict, *, backbone: str = "vit_micro", steps: int = 300,
-                  crop_groups: tuple = ((32, (0.7, 1.0), 2),), batch: int = 128) -> ConfigDict:
-  """The same SSL recipe at CPU scale on the built-in digits: small backbone and heads, k-NN eval."""
-  c.data = digits_data(crop_groups=crop_groups, crops=None)
-  drop(c.data, "tokenizer")
-  if backbone == "resnet18":
-    c.model.backbone = ConfigDict(dict(name="resnet18", cifar_stem=True, width_multiplier=0.25))
-  else:
-    c.model.backbone = ConfigDict(dict(name="vit_micro", image_size=32, patch_size=8))
-  c.model.dtype = "float32"
-  c.global_batch_size, c.total_steps = batch, steps
-  drop(c, "total_epochs", "total_examples")
-  c.log_every_steps, c.checkpoint_every_steps = 25, 1000
-  c.optim.warmup_steps = max(steps // 10, 1)
-  drop(c.optim, "warmup_epochs", "warmup_examples")
-  c.evals = ConfigDict(dict(knn=knn_eval(0, k=20, batch_size=256)))
-  return c
+def digits_zero_shot(every_steps: int = 0) -> ConfigDict:
+  """Zero-shot top-1 on the held-out digits with the evaluation prompt templates (batch 128)."""
+  return ConfigDict(dict(type="zero_shot", split="test", classnames="digits",
+                         templates="digits_eval", every_steps=every_steps, batch_size=128))
 
 
 def cpu_adamw(c: ConfigDict, lr: float = 1e-3, steps: int = 1500) -> ConfigDict:
-  """AdamW for the `:digits` variants: the papers' LARS/SGD settings assume batches of 512-4096;
-  at batch 128 on a CPU a micro ViT learns with AdamW (measured: BYOL k-NN 70% vs 58% random)."""
+  """Replace c.optim by AdamW (lr `lr`, wd 0.05, warm-up 30 steps), keeping its freeze, per-tensor
+  clipping and constant-lr rules, and set total_steps to `steps`. No recipe calls this (each says
+  its optimiser in its own lines); tests use it to rerun a `:digits` recipe for fewer steps."""
   keep = {k: c.optim[k] for k in ("freeze_rules", "clip_grad_per_tensor", "constant_lr_rules")
           if k in c.optim}
-  c.optim = ConfigDict(dict(name="adamw", lr=lr, weight_decay=0.05, warmup_steps=30,
-                            **keep))
+  c.optim = ConfigDict(dict(name="adamw", lr=lr, weight_decay=0.05, warmup_steps=30, **keep))
   c.total_steps = steps
-  return c
-
-
-def ssl_smoke(c: ConfigDict, **kw) -> ConfigDict:
-  """A few steps of `ssl_on_digits` (tests)."""
-  c = ssl_on_digits(c, steps=4, batch=16, **kw)
-  c.log_every_steps, c.checkpoint_every_steps = 2, 2
-  c.evals = ConfigDict()
   return c

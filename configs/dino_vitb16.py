@@ -7,5 +7,6 @@ from configs.dino_vits16 import VARIANTS, dino_config
 
 
 def get_config(arg: str | None = None) -> ConfigDict:
-  common.check_variant(__file__, arg, VARIANTS)
-  return dino_config("vit_b16", arg)
+  arg = common.parse_arg(arg, variant="")
+  common.check_variant(__file__, arg.variant, VARIANTS)
+  return dino_config("vit_b16", arg.variant)

@@ -21,7 +21,8 @@ VARIANTS = ("digits", "smoke")
 
 
 def get_config(arg: str | None = None) -> ConfigDict:
-  common.check_variant(__file__, arg, VARIANTS)
+  arg = common.parse_arg(arg, variant="")
+  common.check_variant(__file__, arg.variant, VARIANTS)
   c = ConfigDict()
   c.method = "mocov2"
   c.seed = 0
@@ -43,19 +44,27 @@ def get_config(arg: str | None = None) -> ConfigDict:
   # The BN-free head starts with nearly parallel embeddings (std ~0.3 x healthy) that dip further
   # before spreading out; a real collapse ends near 1e-4.
   c.collapse_rules = (("train/embed_std", "<", 0.001),)
-  if arg in ("digits", "smoke"):
-    (common.ssl_on_digits if arg == "digits" else common.ssl_smoke)(
-        c, backbone="resnet18", crop_groups=((16, (0.35, 1.0), 2),))
-    c.data.image_size = 16  # 8 x 8 digits: 16 px keeps every pixel
-    hidden, out = (256, 64) if arg == "digits" else (32, 16)
-    c.model.heads.projector.update(hidden_dim=hidden, out_dim=out)
-    c.model.bn_group_size = 32 if arg == "digits" else 8
-    # A queue much shorter than an epoch, as 65536 is 5% of ImageNet: with 1,024 keys (two thirds
-    # of the 1,500 digits) every lr we tried collapsed (an example's own key from the previous
-    # epoch, made by a key encoder that has barely moved, is then often among its negatives).
-    c.loss.queue_size = 256 if arg == "digits" else 64
+  if arg.variant in ("digits", "smoke"):  # CPU scale: the built-in digits, micro ResNet
+    # 8 x 8 digits: 16 px keeps every pixel
+    c.data = common.digits_images(crop_groups=((16, (0.35, 1.0), 2),), image_size=16)
+    c.model.backbone = common.micro_resnet()
+    c.model.dtype = "float32"
     c.teacher.update(momentum=0.99, momentum_end=0.99)
-    c.optim.update(lr_per_256=0.3, warmup_steps=0)  # solo-learn's CIFAR MoCo v2+ lr
-    if arg == "digits":
-      c.total_steps = 600  # k-NN dips below random init around step 200, then recovers
+    c.optim.lr_per_256 = 0.3  # SGD kept, no warm-up; solo-learn's CIFAR MoCo v2+ lr
+  if arg.variant == "digits":
+    c.model.heads.projector.update(hidden_dim=256, out_dim=64)
+    c.model.bn_group_size = 32
+    # A queue much shorter than an epoch, as 65536 is 5% of ImageNet: an example's own key from
+    # the previous epoch, made by a key encoder that has barely moved, is otherwise often among
+    # its negatives (longer queues collapsed: README).
+    c.loss.queue_size = 256
+    common.train_in_steps(c, batch=128, steps=600, warmup_steps=0, log_every=25,
+                          checkpoint_every=1000)
+    c.evals = ConfigDict(dict(knn=common.knn_eval(0, batch_size=256)))
+  elif arg.variant == "smoke":
+    c.model.heads.projector.update(hidden_dim=32, out_dim=16)
+    c.model.bn_group_size = 8
+    c.loss.queue_size = 64
+    common.smoke_run(c)
+    c.optim.warmup_steps = 0
   return common.loop_fields(c)

@@ -14,7 +14,8 @@ VARIANTS = ("smoke",)
 
 
 def get_config(arg: str | None = None) -> ConfigDict:
-  common.check_variant(__file__, arg, VARIANTS)
+  arg = common.parse_arg(arg, variant="")
+  common.check_variant(__file__, arg.variant, VARIANTS)
   c = ConfigDict()
   c.method = "clip"
   c.seed = 0
@@ -33,10 +34,8 @@ def get_config(arg: str | None = None) -> ConfigDict:
                            chunk_size=0))
   c.optim = ConfigDict(dict(name="adamw", lr=2e-3, b1=0.9, b2=0.98, eps=1e-6, weight_decay=0.1,
                             warmup_steps=50, clip_grad_norm=1.0))
-  c.evals = ConfigDict(dict(
-      zero_shot=dict(type="zero_shot", split="test", classnames="digits", templates="digits_eval",
-                     every_steps=200, batch_size=128)))
-  if arg == "smoke":
+  c.evals = ConfigDict(dict(zero_shot=common.digits_zero_shot(every_steps=200)))
+  if arg.variant == "smoke":
     c.total_steps, c.log_every_steps, c.checkpoint_every_steps = 4, 2, 2
     c.global_batch_size = 16
     c.evals.zero_shot.every_steps = 0

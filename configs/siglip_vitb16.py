@@ -15,7 +15,8 @@ VARIANTS = ("smoke",)
 
 
 def get_config(arg: str | None = None) -> ConfigDict:
-  common.check_variant(__file__, arg, VARIANTS)
+  arg = common.parse_arg(arg, variant="")
+  common.check_variant(__file__, arg.variant, VARIANTS)
   c = ConfigDict()
   c.method = "siglip"
   c.seed = 0
@@ -40,6 +41,9 @@ def get_config(arg: str | None = None) -> ConfigDict:
                               data=dict(name="tfds", dataset="imagenet2012", image_size=224),
                               classnames="imagenet", templates="imagenet",
                               every_steps=10_000, batch_size=1024)))
-  if arg == "smoke":
-    common.shrink_to_smoke(c)
+  if arg.variant == "smoke":  # CPU scale: the built-in digits, micro towers, 4 steps
+    c.data = common.digits_data()
+    common.micro_towers(c, embed_dim=32)
+    c.model.dtype = "float32"
+    common.smoke_run(c)
   return common.loop_fields(c)

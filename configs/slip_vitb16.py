@@ -16,7 +16,8 @@ VARIANTS = ("digits", "smoke")
 
 
 def get_config(arg: str | None = None) -> ConfigDict:
-  common.check_variant(__file__, arg, VARIANTS)
+  arg = common.parse_arg(arg, variant="")
+  common.check_variant(__file__, arg.variant, VARIANTS)
   c = ConfigDict()
   c.method = "slip"
   c.seed = 0
@@ -37,8 +38,18 @@ def get_config(arg: str | None = None) -> ConfigDict:
   c.optim = ConfigDict(dict(name="adamw", lr=5e-4, b1=0.9, b2=0.98, eps=1e-8, weight_decay=0.5,
                             warmup_epochs=1))
   c.evals = ConfigDict()
-  if arg in ("digits", "smoke"):
-    (common.vl_on_digits if arg == "digits" else common.shrink_to_smoke)(c)
+  if arg.variant in ("digits", "smoke"):  # CPU scale: the built-in digits, micro towers
+    c.data = common.digits_data()
     c.data.update(crops=None, crop_groups=((32, (0.5, 1.0), 2),))
     c.model.ssl_head = ConfigDict(dict(hidden_dim=64, out_dim=32))
+    c.model.dtype = "float32"
+  if arg.variant == "digits":
+    common.micro_towers(c, embed_dim=64)
+    common.train_in_steps(c, batch=128, steps=600, warmup_steps=50, log_every=50,
+                          checkpoint_every=1000)
+    c.optim.update(lr=2e-3, weight_decay=0.1)  # the quickstart's lr and decay
+    c.evals = ConfigDict(dict(zero_shot=common.digits_zero_shot()))
+  elif arg.variant == "smoke":
+    common.micro_towers(c, embed_dim=32)
+    common.smoke_run(c)
   return common.loop_fields(c)
