@@ -181,14 +181,3 @@ def digits_zero_shot(every_steps: int = 0) -> ConfigDict:
   """Zero-shot top-1 on the held-out digits with the evaluation prompt templates (batch 128)."""
   return ConfigDict(dict(type="zero_shot", split="test", classnames="digits",
                          templates="digits_eval", every_steps=every_steps, batch_size=128))
-
-
-def cpu_adamw(c: ConfigDict, lr: float = 1e-3, steps: int = 1500) -> ConfigDict:
-  """Replace c.optim by AdamW (lr `lr`, wd 0.05, warm-up 30 steps), keeping its freeze, per-tensor
-  clipping and constant-lr rules, and set total_steps to `steps`. No recipe calls this (each says
-  its optimiser in its own lines); tests use it to rerun a `:digits` recipe for fewer steps."""
-  keep = {k: c.optim[k] for k in ("freeze_rules", "clip_grad_per_tensor", "constant_lr_rules")
-          if k in c.optim}
-  c.optim = ConfigDict(dict(name="adamw", lr=lr, weight_decay=0.05, warmup_steps=30, **keep))
-  c.total_steps = steps
-  return c

@@ -7,8 +7,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from ml_collections import ConfigDict
 
-from configs import byol_r50, common, dino_vits16, simsiam_r50
+from configs import byol_r50, dino_vits16, simsiam_r50
 from sslvl_jax import metrics, optim, train
 from sslvl_jax.methods.base import TrainState
 
@@ -93,10 +94,19 @@ def test_dino_teacher_temperature_warms_up_per_epoch(tmp_path):
 # the healthy run (and, for SimSiam, tripping on the ablated one). Margins were measured over seeds
 # 0-4 (README, "Collapse tests"); one device, so the runs are cheap and the mesh is not the subject.
 
+def _adamw(c, lr: float, steps: int) -> None:
+  """c.optim -> AdamW (wd 0.05, 30 warm-up steps) keeping its freeze, clipping and constant-lr
+  rules; total_steps = steps."""
+  keep = {k: c.optim[k] for k in ("freeze_rules", "clip_grad_per_tensor", "constant_lr_rules")
+          if k in c.optim}
+  c.optim = ConfigDict(dict(name="adamw", lr=lr, weight_decay=0.05, warmup_steps=30, **keep))
+  c.total_steps = steps
+
+
 def _digits_run(module, tmp_path, *, steps: int, lr: float, **overrides) -> list[dict]:
   """Rows of metrics.jsonl after `steps` AdamW steps of `module`'s `:digits` recipe, no rules."""
   c = module.get_config("digits")
-  common.cpu_adamw(c, lr=lr, steps=steps)
+  _adamw(c, lr=lr, steps=steps)
   c.optim.warmup_steps = 5
   c.log_every_steps, c.evals, c.num_devices, c.collapse_rules = 5, {}, 1, ()
   c.update_from_flattened_dict({k.replace("__", "."): v for k, v in overrides.items()})  # a__b: c.a.b
