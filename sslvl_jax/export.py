@@ -34,38 +34,24 @@ _TORCH = flags.DEFINE_string("torch", None, "also write a PyTorch-layout .safete
 
 def export(config, workdir: str, out_dir: str, *, step: int | None = None,
            role: str | None = None) -> str:
-  """Write the encoder of checkpoint `step` of `workdir` to `out_dir`; returns `out_dir`."""
+  """Write the encoder of checkpoint `step` of `workdir` to `out_dir`; returns `out_dir`.
+
+  What is exported (which network, which of its parts, with what preprocessing) is the method's
+  `export_encoder`; this only restores the state and writes the files.
+  """
   from sslvl_jax import train  # pylint: disable=g-import-not-at-top
-  from sslvl_jax.methods.image_text import ImageText  # pylint: disable=g-import-not-at-top
   s = train.setup(config, workdir, step=step)
-  if int(s.state.step) == 0:
-    raise ConfigError(f"no checkpoint in {workdir}: train first, or pass --step")
-  m, st = s.method, s.state
-  has_teacher = "teacher" in (st.extras or {})
-  role = role or ("teacher" if has_teacher and s.config.get("teacher", {}).get(
-      "eval_on_teacher", False) else "student")
-  if role == "teacher" and not has_teacher:
-    raise ConfigError(f"method {s.config.method!r} has no teacher; use --role=student")
-  net = m.teacher_model(st.extras["teacher"]) if role == "teacher" else m.merge(st.params,
-                                                                              st.model_state)
-  info = {"role": role, "step": int(st.step), "method": s.config.method}
-  if isinstance(m, ImageText):
-    for extra_head in ("ssl_head",):  # method-only heads are not part of the encoder
-      if hasattr(net, extra_head):
-        delattr(net, extra_head)
-    spec = data_tokenizer_spec(s.config)
-    info.update(tower="image_text", preprocessing=image_preprocessing(s.config, m),
-                tokenizer={"model_path": spec.model_path, "context_length": spec.context_length,
-                           "lowercase": spec.lowercase, "pad_id": spec.pad_id,
-                           "bos_id": spec.bos_id, "eot_id": spec.eot_id,
-                           "framing": "[BOS] pieces [EOT] [PAD]...; EOT kept on truncation",
-                           "pool": s.config.model.text.get("pool", "first_eot")})
-    model_config, module = m.model_config(), net
-  else:
-    info.update(tower="image", preprocessing=image_preprocessing(s.config, m))
-    model_config, module = m.backbone_config(), net.backbone
-  save_encoder(out_dir, module, model_config, info)
-  s.ckpt.close()
+  try:
+    st = s.state
+    if int(st.step) == 0:
+      raise ConfigError(f"no checkpoint in {workdir}: train first, or pass --step")
+    model_config, module, info = s.method.export_encoder(st.params, st.model_state, st.extras,
+                                                         role=role)
+    info = dict(info)
+    info = {"role": info.pop("role"), "step": int(st.step), "method": s.config.method, **info}
+    save_encoder(out_dir, module, model_config, info)
+  finally:
+    s.ckpt.close()
   return out_dir
 
 
@@ -79,25 +65,6 @@ def save_encoder(out_dir: str, module: Any, model_config: dict, info: dict) -> N
     interop.save_encoder(tmp, module, model_config, info)
     for f in epath.Path(tmp).iterdir():
       (epath.Path(out_dir) / f.name).write_bytes(f.read_bytes())
-
-
-def data_tokenizer_spec(config):
-  """The run's tokenizer spec."""
-  from sslvl_jax import data  # pylint: disable=g-import-not-at-top
-  return data.tokenizer_spec(config.data)
-
-
-def image_preprocessing(config, method) -> dict:
-  """Image size and 0-1-scale mean/std the encoder expects (what training used)."""
-  import numpy as np  # pylint: disable=g-import-not-at-top
-  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  probe = np.stack([np.zeros((1, 1, 3), np.uint8), np.full((1, 1, 3), 255, np.uint8)])
-  lo, hi = (np.asarray(x).reshape(-1) for x in method.normalize(jnp.asarray(probe)))
-  std = 1.0 / (hi - lo)
-  mean = -lo * std
-  return {"image_size": int(config.data.image_size), "mean": [float(v) for v in mean],
-          "std": [float(v) for v in std], "resize": "shorter side, bicubic, then centre crop",
-          "eval_resize_ratio": float(config.data.get("eval_resize_ratio", 1.0))}
 
 
 def main(argv: list[str]) -> None:

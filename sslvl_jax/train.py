@@ -209,10 +209,12 @@ def check_config_change(current: dict, allowed: tuple[str, ...], step: int, meta
 
 def run_evaluators(evaluators: dict, s: Setup, state: TrainState, step: int,
                    writer: metrics.Writer, workdir: str) -> dict[str, float]:
-  """Run `evaluators` on `state`; write and return their results."""
+  """Run `evaluators` on `state` (its params, model state and extras; each evaluator's jitted
+  prediction functions take them as arguments); write and return their results."""
+  del s  # the evaluators hold the method's prediction functions
   out = {}
   for name, ev in evaluators.items():
-    res = ev.run(s.method.merge(state.params, state.model_state), state.extras)
+    res = ev.run(state.params, state.model_state, state.extras)
     res = {f"{name}/{k}": v for k, v in res.items()}
     writer.write(step, res)
     writer.log(f"eval step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in res.items()))

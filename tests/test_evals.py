@@ -5,6 +5,7 @@ built, unreadable records left out and counted."""
 from __future__ import annotations
 
 import csv
+import logging
 import os
 import pathlib
 
@@ -16,7 +17,7 @@ from ml_collections import ConfigDict
 from PIL import Image
 from sklearn.linear_model import LogisticRegression
 
-from configs import quickstart
+from configs import dino_vits16, quickstart
 from sslvl_jax import methods, parallel
 from sslvl_jax.errors import ConfigError
 from sslvl_jax.evals import (class_text_embeddings, knn_predict, load_classnames, load_templates,
@@ -236,12 +237,14 @@ def clip() -> tuple:
   c.schedule = {"total_steps": 4, "steps_per_epoch": 1.0}
   mesh = parallel.make_mesh()
   method = methods.get("clip")(c, mesh)
-  return method, mesh, method.merge(*method.init_model(jax.random.key(0)))
+  params, model_state = method.init_model(jax.random.key(0))
+  return method, mesh, (params, model_state, {})
 
 
 def test_retrieval_evaluator_groups_repeated_images(tmp_path, clip):
   """COCO layout: 3 images x 2 captions; recall computed over unique images (end to end)."""
-  method, mesh, model = clip
+  method, mesh, state = clip
+  model = method.merge(*state[:2])
   rows = []
   for i in range(3):
     Image.fromarray(np.full((32, 32, 3), 60 * i, np.uint8)).save(tmp_path / f"{i}.png")
@@ -251,8 +254,9 @@ def test_retrieval_evaluator_groups_repeated_images(tmp_path, clip):
     w.writerow(["filepath", "title"])
     w.writerows(rows)
   ev = tasks.Retrieval(ConfigDict(dict(type="retrieval", split="test", batch_size=8, data=dict(
-      name="csv", splits=dict(test=str(tmp_path / "coco.csv"))))), method, mesh)
-  res = ev.run(model, {})
+      name="csv", splits=dict(test=str(tmp_path / "coco.csv"))))), method.predict_fns(), mesh,
+      method.config.data)
+  res = ev.run(*state)
   # Recompute with the pure function on the same embeddings: 3 gallery images, 6 captions.
   imgs = np.stack([np.asarray(Image.open(tmp_path / f"{i}.png").convert("RGB")) for i in range(3)])
   tok = tasks.tokenizer(tasks.data.tokenizer_spec(method.config.data))
@@ -297,29 +301,29 @@ def _knn(train: str, test: str, method, mesh) -> tasks.Evaluator:
 
 def test_knn_leaves_out_and_counts_an_unreadable_record(tmp_path, clip):
   """One truncated test image: the evaluation is that of the folder without it, skipped == 1."""
-  method, mesh, model = clip
+  method, mesh, state = clip
   train = _image_folder(tmp_path / "train", seed=0)
   bad = _image_folder(tmp_path / "bad", seed=1, truncate="c0/2.png")
   ref = _image_folder(tmp_path / "ref", seed=1, leave_out="c0/2.png")
   ev, ev_ref = _knn(train, bad, method, mesh), _knn(train, ref, method, mesh)
-  got, want = ev.run(model, {}), ev_ref.run(model, {})
+  got, want = ev.run(*state), ev_ref.run(*state)
   assert got.pop("skipped") == 1 and want.pop("skipped") == 0
   assert got == want
   # Left out, not replaced: the 14 readable rows in order, as read from the reference folder.
-  feats, labels = ev.features(model, {}, "test_split")
-  ref_feats, ref_labels = ev_ref.features(model, {}, "test_split")
+  feats, labels = ev.features(*state, "test_split")
+  ref_feats, ref_labels = ev_ref.features(*state, "test_split")
   assert labels.tolist() == ref_labels.tolist() == [0] * 4 + [1] * 5 + [2] * 5
   np.testing.assert_allclose(feats, ref_feats, rtol=1e-6)
 
 
 def test_all_records_unreadable_is_one_clear_error(tmp_path, clip):
-  method, mesh, model = clip
+  method, mesh, state = clip
   train = _image_folder(tmp_path / "train", seed=0)
   (tmp_path / "bad" / "c0").mkdir(parents=True)
   (tmp_path / "bad" / "c0" / "0.png").write_bytes(b"not a png")
   with pytest.raises(RuntimeError, match=r"^evals.knn.test_split='test': all 1 records are "
                                          r"unreadable"):
-    _knn(train, str(tmp_path / "bad"), method, mesh).run(model, {})
+    _knn(train, str(tmp_path / "bad"), method, mesh).run(*state)
 
 
 ZERO_SHOT = dict(type="zero_shot", split="test", classnames="digits", templates="digits_eval")
@@ -363,3 +367,87 @@ def test_build_all_names_a_test_split_that_does_not_open(tmp_path, clip):
     _knn(_image_folder(tmp_path / "train", seed=0), str(tmp_path / "nope"), method, mesh)
   assert str(e.value) == (f"evals.knn.test_split='test': image folder '{tmp_path / 'nope'}' "
                           "does not exist; check data.splits")
+
+
+# ---- evaluators: jitted once, the state passed in ---------------------------------------------
+
+
+class _Compiles(logging.Handler):
+  """The 'Compiling ...' records jax logs with jax_log_compiles."""
+
+  def __init__(self):
+    super().__init__(logging.DEBUG)
+    self.names: list[str] = []
+
+  def emit(self, record: logging.LogRecord) -> None:
+    message = record.getMessage()
+    if message.startswith("Compiling "):
+      self.names.append(message.split(" with ")[0][len("Compiling "):])
+
+
+def test_evaluators_compile_once_and_read_the_state_they_are_given(clip):
+  """A zero-shot and a k-NN evaluator run on two states: the second run compiles nothing (each
+  prediction function is jitted once, with the params as arguments), yet its results differ."""
+  method, mesh, (params, model_state, extras) = clip
+  evs = tasks.build_all(ConfigDict(dict(zs={**ZERO_SHOT, "batch_size": 128},
+                                        knn=dict(type="knn", k=5, batch_size=128))), method, mesh)
+  leaves, treedef = jax.tree.flatten(params)
+  perturbed = jax.tree.unflatten(treedef, [
+      x + 0.5 * x.std() * jax.random.normal(jax.random.key(i), x.shape, x.dtype)
+      for i, x in enumerate(leaves)])
+  handler = _Compiles()
+  logger = logging.getLogger("jax")
+  logger.addHandler(handler)
+  try:
+    with jax.log_compiles(True):
+      first = {n: ev.run(params, model_state, extras) for n, ev in evs.items()}
+      compiled_first = list(handler.names)
+      feats = evs["knn"].features(params, model_state, extras, "test_split")[0]
+      handler.names.clear()
+      second = {n: ev.run(perturbed, model_state, extras) for n, ev in evs.items()}
+      new_feats = evs["knn"].features(perturbed, model_state, extras, "test_split")[0]
+      compiled_second = list(handler.names)
+  finally:
+    logger.removeHandler(handler)
+  print(f"compiled in the first run: {len(compiled_first)} {compiled_first}; "
+        f"in the second: {compiled_second}")
+  assert compiled_second == []
+  sizes = {f"{n}.{k}": fn._cache_size() for n, ev in evs.items() for k, fn in ev.predict.items()}
+  assert sizes == {"zs.image_embed": 1, "zs.text_embed": 1, "knn.image_features": 1}
+  assert np.abs(feats - new_feats).max() > 1e-3  # the params are read, not baked in
+  assert first["zs"] != second["zs"] and first["knn"] != second["knn"]
+
+
+def _perturbed(tree, scale=0.5):
+  """Every floating leaf of `tree` plus `scale` x its std of Gaussian noise."""
+  leaves, treedef = jax.tree.flatten(tree)
+  return jax.tree.unflatten(treedef, [
+      x + scale * x.std() * jax.random.normal(jax.random.key(i), x.shape, x.dtype)
+      if jnp.issubdtype(x.dtype, jnp.floating) and x.size > 1 else x
+      for i, x in enumerate(leaves)])
+
+
+def test_ssl_evaluator_reads_the_teacher_from_extras_without_init_model():
+  """DINO evaluates its EMA teacher: a k-NN evaluator built from a method that never ran
+  init_model gives the teacher's features of the extras it is passed, one compilation for all."""
+  c = dino_vits16.get_config("smoke")
+  c.schedule = {"total_steps": 4, "steps_per_epoch": 1.0}
+  mesh = parallel.make_mesh()
+  trained = methods.get("dino")(c, mesh)
+  params, model_state = trained.init_model(jax.random.key(0))
+  extras = trained.init_extras(params, model_state, jax.random.key(1))
+  fresh = methods.get("dino")(c, mesh)
+  assert fresh.graphdef is None and sorted(fresh.predict_fns()) == ["image_features"]
+  ev = tasks.build_all(ConfigDict(dict(knn=dict(type="knn", k=5, batch_size=128))), fresh,
+                       mesh)["knn"]
+  feats = ev.features(params, model_state, extras, "test_split")[0]
+  source, rng = ev.sources["test_split"], np.random.default_rng(0)
+  images = jnp.asarray(np.stack([ev.transform(source[i], rng)["image"] for i in range(4)]))
+  want = trained.image_features(trained.merge(params, model_state), extras, images)
+  np.testing.assert_allclose(feats[:4], np.asarray(want), rtol=1e-5, atol=1e-6)
+  student_moved = ev.features(_perturbed(params), model_state, extras, "test_split")[0]
+  np.testing.assert_allclose(student_moved, feats, rtol=1e-6)  # the student is not evaluated
+  teacher = {**extras["teacher"], "ema": _perturbed(extras["teacher"]["ema"])}
+  teacher_moved = ev.features(params, model_state, {**extras, "teacher": teacher}, "test_split")[0]
+  assert np.abs(teacher_moved - feats).max() > 1e-3
+  assert ev.predict["image_features"]._cache_size() == 1

@@ -5,6 +5,11 @@ runs on its own schedule, like big_vision's evaluators. Every setting it uses is
 Building one checks all it can without weights (settings, splits, class names, templates,
 tokenizer), so a bad value fails before training starts; at evaluation an unreadable record is
 logged, left out and counted in the result's `skipped`.
+
+An evaluator knows nothing of the method: it gets the method's prediction functions
+(`Method.predict_fns`: fn(params, model_state, extras, batch)), jits the ones it needs once when
+built, and calls them with the state of each evaluation, so no evaluation compiles the encoders
+again. Its data config is the eval's `data` over the training data config it is given.
 """
 
 from __future__ import annotations
@@ -16,7 +21,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from etils import epath
-from flax import nnx
 from ml_collections import ConfigDict
 
 from sslvl_jax import data, parallel
@@ -54,12 +58,23 @@ class Evaluator:
   OPTIONS: tuple[str, ...] = ()  # the other settings it reads
   EXAMPLE = "image_label"  # host transform of its records
   TEXT = False  # needs the tokenizer
+  PREDICT: tuple[str, ...] = ("image_features",)  # the prediction functions it calls
+  IMAGES = "image_features"  # the one `features` extracts
 
-  def __init__(self, cfg: ConfigDict, method: Any, mesh: Any, name: str | None = None):
-    self.cfg, self.method, self.mesh = cfg, method, mesh
+  def __init__(self, cfg: ConfigDict, predict_fns: dict[str, Callable], mesh: Any,
+               train_data: ConfigDict, name: str | None = None):
+    """`predict_fns`: Method.predict_fns(); `train_data`: the training data config, under the
+    eval's own `data` (the eval reads its splits from it where it has no `data`)."""
+    self.cfg, self.mesh = cfg, mesh
     self.name = name or cfg.type
     self._check_settings()
-    self.data_cfg = ConfigDict(method.config.data.to_dict())
+    missing = [k for k in self.PREDICT if k not in predict_fns]
+    if missing:
+      raise ConfigError(f"evals.{self.name}.type={cfg.type!r}: the method has no {missing[0]} "
+                        f"(it predicts {', '.join(sorted(predict_fns)) or 'nothing'})")
+    # Jitted once: params and state are arguments, so every evaluation reuses the executables.
+    self.predict = {k: jax.jit(predict_fns[k]) for k in self.PREDICT}
+    self.data_cfg = ConfigDict(train_data.to_dict())
     self.data_cfg.update(cfg.get("data", {}))
     self.batch_size = cfg.get("batch_size", 256)
     n = mesh.devices.size
@@ -72,7 +87,6 @@ class Evaluator:
                                lambda: tokenizer(data.tokenizer_spec(self.data_cfg)))
     self.transform = data.example_transform(self.data_cfg, self.EXAMPLE, train=False)
     self.skipped = 0  # records left out as unreadable in the current run, all processes
-    self._features = jax.jit(self._features_fn)
 
   def _check_settings(self) -> None:
     """Every setting is one this evaluator reads, and the required ones are set."""
@@ -86,12 +100,12 @@ class Evaluator:
         raise ConfigError(f"evals.{self.name}.{key} is not set; a {self.cfg.type} evaluator "
                           f"needs {', '.join(self.REQUIRED)}")
 
-  def run(self, model: nnx.Module, extras: Any) -> dict[str, float]:
-    """The metrics of `evaluate` and `skipped`, the records left out as unreadable."""
+  def run(self, params: Any, model_state: Any, extras: Any) -> dict[str, float]:
+    """The metrics of `evaluate` on this state and `skipped`, the records left out as unreadable."""
     self.skipped = 0
-    return {**self.evaluate(model, extras), "skipped": self.skipped}
+    return {**self.evaluate(params, model_state, extras), "skipped": self.skipped}
 
-  def evaluate(self, model: nnx.Module, extras: Any) -> dict[str, float]:
+  def evaluate(self, params: Any, model_state: Any, extras: Any) -> dict[str, float]:
     """The metrics of this evaluator (each subclass)."""
     raise NotImplementedError
 
@@ -111,12 +125,11 @@ class Evaluator:
     every = self.cfg.get("every_steps")
     return step == total_steps or bool(every and step % every == 0)
 
-  def _features_fn(self, params, model_state, extras, images):
-    model = nnx.merge(self.method.graphdef, params, model_state)
-    return self.method.image_features(model, extras, images).astype(jnp.float32)
-
-  def features(self, model: nnx.Module, extras: Any, key: str) -> tuple[np.ndarray, np.ndarray]:
+  def features(self, params: Any, model_state: Any, extras: Any, key: str
+               ) -> tuple[np.ndarray, np.ndarray]:
     """(features, labels) of the readable examples of split setting `key`, sharded over the mesh.
+
+    The features are `IMAGES` of the predictions (image_features, or image_embed for zero-shot).
 
     Every process runs the same number of batches (zero-padded, with a validity mask), so the
     collectives line up on multi-host; rows come back grouped by process. A process whose
@@ -129,7 +142,7 @@ class Evaluator:
     it = iter(data.make_dataset(source, self.transform, local_batch_size=local_bs, seed=0,
                                 train=False))
     size = self.data_cfg.image_size
-    _, params, model_state = nnx.split(model, nnx.Param, ...)
+    predict = self.predict[self.IMAGES]
     feats, labels = [], []
     for _ in range(n_batches):
       local = next(it, None)
@@ -139,17 +152,17 @@ class Evaluator:
       if n:
         images[:n], lab[:n] = local["image"], local["label"]
       g = parallel.host_to_global(self.mesh, {"image": images})
-      f = gather(self._features(params, model_state, extras, g["image"]))
+      f = gather(predict(params, model_state, extras, g["image"]))
       valid = gather(np.arange(local_bs) < n)
       feats.append(f[valid])
       labels.append(gather(lab)[valid])
     self._count(key, sum(map(len, labels)))
     return np.concatenate(feats), np.concatenate(labels)
 
-  def train_test(self, model: nnx.Module, extras: Any) -> tuple:
+  def train_test(self, params: Any, model_state: Any, extras: Any) -> tuple:
     """(train feats, train labels, test feats, test labels, number of classes) for probes."""
-    train_f, train_l = self.features(model, extras, "train_split")
-    test_f, test_l = self.features(model, extras, "test_split")
+    train_f, train_l = self.features(params, model_state, extras, "train_split")
+    test_f, test_l = self.features(params, model_state, extras, "test_split")
     return train_f, train_l, test_f, test_l, int(self.cfg.get("num_classes", int(train_l.max()) + 1))
 
   def settings(self) -> dict:
@@ -175,23 +188,24 @@ class ZeroShot(Evaluator):
   SPLITS = {"split": "test"}
   REQUIRED = ("classnames", "templates")
   TEXT = True
+  PREDICT = ("image_embed", "text_embed")
+  IMAGES = "image_embed"
 
-  def __init__(self, cfg: ConfigDict, method: Any, mesh: Any, name: str | None = None):
-    super().__init__(cfg, method, mesh, name)
+  def __init__(self, cfg: ConfigDict, predict_fns: dict[str, Callable], mesh: Any,
+               train_data: ConfigDict, name: str | None = None):
+    super().__init__(cfg, predict_fns, mesh, train_data, name)
     self.classnames = checked(self.name, "classnames", cfg.classnames,
                               lambda: zero_shot.load_classnames(cfg.classnames))
     self.templates = checked(self.name, "templates", cfg.templates,
                              lambda: zero_shot.load_templates(cfg.templates))
 
-  def evaluate(self, model: nnx.Module, extras: Any) -> dict[str, float]:
+  def evaluate(self, params: Any, model_state: Any, extras: Any) -> dict[str, float]:
     """Top-1/top-5 on `cfg.split` with `cfg.classnames` x `cfg.templates`."""
-    _, params, model_state = nnx.split(model, nnx.Param, ...)
-    encode = jax.jit(lambda t: self.method.text_features(
-        nnx.merge(self.method.graphdef, params, model_state), extras, t))
+    encode = self.predict["text_embed"]
     class_emb = zero_shot.class_text_embeddings(
-        lambda t: np.asarray(encode(jnp.asarray(t))), self.tokenizer.encode, self.classnames,
-        self.templates)
-    feats, labels = self.features(model, extras, "split")
+        lambda t: np.asarray(encode(params, model_state, extras, jnp.asarray(t))),
+        self.tokenizer.encode, self.classnames, self.templates)
+    feats, labels = self.features(params, model_state, extras, "split")
     scores = zero_shot.zero_shot_scores(feats, class_emb)
     return knn.topk_accuracy(scores, labels, ks=(1, 5))
 
@@ -203,16 +217,17 @@ class Knn(Evaluator):
   SPLITS = TRAIN_TEST
   OPTIONS = ("k", "temperature", "num_classes")
 
-  def __init__(self, cfg: ConfigDict, method: Any, mesh: Any, name: str | None = None):
-    super().__init__(cfg, method, mesh, name)
+  def __init__(self, cfg: ConfigDict, predict_fns: dict[str, Callable], mesh: Any,
+               train_data: ConfigDict, name: str | None = None):
+    super().__init__(cfg, predict_fns, mesh, train_data, name)
     self.k, bank = cfg.get("k", 20), len(self.sources["train_split"])
     if self.k > bank:
       raise ConfigError(f"evals.{self.name}.k={self.k}: more neighbours than the {bank} records "
                         f"of train_split={self.splits['train_split']!r}")
 
-  def evaluate(self, model: nnx.Module, extras: Any) -> dict[str, float]:
+  def evaluate(self, params: Any, model_state: Any, extras: Any) -> dict[str, float]:
     """Top-1/top-5 of `cfg.test_split` against the `cfg.train_split` feature bank."""
-    train_f, train_l, test_f, test_l, num_classes = self.train_test(model, extras)
+    train_f, train_l, test_f, test_l, num_classes = self.train_test(params, model_state, extras)
     scores = knn.knn_predict(train_f, train_l, test_f, num_classes=num_classes,
                              k=self.k, temperature=self.cfg.get("temperature", 0.07),
                              mesh=self.mesh)
@@ -226,20 +241,30 @@ class LinearProbe(Evaluator):
   SPLITS = TRAIN_TEST
   OPTIONS = ("probe", "num_classes")
 
-  def evaluate(self, model: nnx.Module, extras: Any) -> dict[str, float]:
+  def evaluate(self, params: Any, model_state: Any, extras: Any) -> dict[str, float]:
     """Top-1/top-5 on `cfg.test_split` after training on `cfg.train_split`."""
-    train_f, train_l, test_f, test_l, num_classes = self.train_test(model, extras)
+    train_f, train_l, test_f, test_l, num_classes = self.train_test(params, model_state, extras)
     res = linear_probe.linear_probe(train_f, train_l, test_f, test_l, num_classes=num_classes,
                                     **self.cfg.get("probe", {}))
     return {k: float(v) for k, v in res.items() if np.ndim(v) == 0 and not isinstance(v, str)}
 
 
-def build_all(cfg: ConfigDict, method: Any, mesh: Any) -> dict[str, Evaluator]:
-  """Evaluators of `config.evals` by name, each checked against its data and assets."""
+def build_all(cfg: ConfigDict, method: Any, mesh: Any, *,
+              predict_fns: dict[str, Callable] | None = None,
+              train_data: ConfigDict | None = None) -> dict[str, Evaluator]:
+  """Evaluators of `config.evals` by name, each checked against its data and assets.
+
+  They get `predict_fns` (default `method.predict_fns()`) and the training data config
+  `train_data` (default `method.config.data`, the config the method trains on); nothing else of
+  the method.
+  """
+  predict_fns = method.predict_fns() if predict_fns is None else predict_fns
+  train_data = method.config.data if train_data is None else train_data
   out = {}
   for name, c in cfg.items():
     kind = c.get("type")
-    out[name] = checked(name, "type", kind, lambda k=kind: EVALUATORS.get(k))(c, method, mesh, name)
+    out[name] = checked(name, "type", kind, lambda k=kind: EVALUATORS.get(k))(
+        c, predict_fns, mesh, train_data, name)
   return out
 
 
@@ -266,8 +291,10 @@ class Retrieval(Evaluator):
   OPTIONS = ("ks",)
   EXAMPLE = "image_text"
   TEXT = True
+  PREDICT = ("image_embed", "text_embed")
+  IMAGES = "image_embed"
 
-  def evaluate(self, model: nnx.Module, extras: Any) -> dict[str, float]:
+  def evaluate(self, params: Any, model_state: Any, extras: Any) -> dict[str, float]:
     """Image->text and text->image recall at `cfg.ks` (default 1, 5, 10)."""
     # Every process reads the whole split and computes the recalls itself.
     batches = list(data.make_dataset(self.sources["split"], self.transform,
@@ -279,12 +306,11 @@ class Retrieval(Evaluator):
     index: dict[bytes, int] = {}
     text_to_image = np.asarray([index.setdefault(im.tobytes(), len(index)) for im in rows])
     images = rows[np.unique(text_to_image, return_index=True)[1]]
-    _, params, model_state = nnx.split(model, nnx.Param, ...)
-    text_fn = jax.jit(lambda t: self.method.text_features(
-        nnx.merge(self.method.graphdef, params, model_state), extras, t))
-    img = np.concatenate([np.asarray(self._features(params, model_state, extras,
-                                                    jnp.asarray(images[i:i + self.batch_size])))
+    image_fn, text_fn = self.predict["image_embed"], self.predict["text_embed"]
+    img = np.concatenate([np.asarray(image_fn(params, model_state, extras,
+                                              jnp.asarray(images[i:i + self.batch_size])))
                           for i in range(0, len(images), self.batch_size)])
-    txt = np.concatenate([np.asarray(text_fn(jnp.asarray(tokens[i:i + self.batch_size])))
+    txt = np.concatenate([np.asarray(text_fn(params, model_state, extras,
+                                             jnp.asarray(tokens[i:i + self.batch_size])))
                           for i in range(0, len(tokens), self.batch_size)])
     return retrieval_recalls(img, txt, text_to_image, ks=tuple(self.cfg.get("ks", (1, 5, 10))))

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, Callable
 
 import flax
 import jax
@@ -153,3 +153,62 @@ class Method:
     mean = np.asarray(data.get("mean", IMAGENET_MEAN), np.float32) * 255.0
     std = np.asarray(data.get("std", IMAGENET_STD), np.float32) * 255.0
     return (images.astype(jnp.float32) - mean) / std
+
+  # ---- prediction and export (evaluators, export.py) ---------------------------------------
+  def model_graphdef(self) -> nnx.GraphDef:
+    """The model's graphdef: the one `init_model` kept, else built abstractly (no weights)."""
+    if self.graphdef is None:
+      abstract = nnx.eval_shape(lambda k: self.build_model(nnx.Rngs(params=k)), jax.random.key(0))
+      self.graphdef = nnx.split(abstract, nnx.Param, ...)[0]
+    return self.graphdef
+
+  def predict_model(self, params: Any, model_state: Any) -> nnx.Module:
+    """`merge` that does not rely on `init_model` having run (for the prediction functions)."""
+    self.model_graphdef()
+    return self.merge(params, model_state)
+
+  def predict_fns(self) -> dict[str, Callable[[Any, Any, Any, jax.Array], jax.Array]]:
+    """Pure prediction functions fn(params, model_state, extras, batch) -> (b, d) float32, by name.
+
+    'image_features': uint8 (b, h, w, 3) images -> features for k-NN / linear probe;
+    'image_embed' / 'text_embed': images / token ids -> embeddings of a joint image-text space
+    (zero-shot, retrieval). Only those the method has are present. Nothing is closed over but
+    the method, so one jit of a function serves every state (evaluators jit each once).
+    Default: `image_features` (and `text_features` as 'text_embed') where a subclass has them.
+    """
+    fns: dict[str, Callable] = {}
+    if type(self).image_features is not Method.image_features:
+      fns["image_features"] = self._predict_fn(self.image_features)
+    if type(self).text_features is not Method.text_features:
+      fns["text_embed"] = self._predict_fn(self.text_features)
+    return fns
+
+  def _predict_fn(self, fn: Callable[[nnx.Module, Any, jax.Array], jax.Array]
+                  ) -> Callable[[Any, Any, Any, jax.Array], jax.Array]:
+    """fn(model, extras, x) as a pure function of (params, model_state, extras, x), in float32."""
+    def predict(params: Any, model_state: Any, extras: Any, x: jax.Array) -> jax.Array:
+      return fn(self.predict_model(params, model_state), extras, x).astype(jnp.float32)
+    predict.__name__ = predict.__qualname__ = fn.__name__
+    return predict
+
+  def image_normalization(self) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """(mean, std) on the 0-1 scale that `normalize` applies, from the config (data.mean/std)."""
+    data = self.config.data
+    return (tuple(float(v) for v in data.get("mean", IMAGENET_MEAN)),
+            tuple(float(v) for v in data.get("std", IMAGENET_STD)))
+
+  def image_preprocessing(self) -> dict:
+    """What an exported image encoder expects: size, 0-1-scale mean/std, resize rule."""
+    mean, std = self.image_normalization()
+    return {"image_size": int(self.config.data.image_size), "mean": list(mean), "std": list(std),
+            "resize": "shorter side, bicubic, then centre crop",
+            "eval_resize_ratio": float(self.config.data.get("eval_resize_ratio", 1.0))}
+
+  def export_encoder(self, params: Any, model_state: Any, extras: Any, *,
+                     role: str | None = None) -> tuple[dict, nnx.Module, dict]:
+    """(model_config, encoder module, info) to export: `model_config` ({'name', 'kwargs'})
+    rebuilds the module (interop.build_module), which holds only the encoder's variables; `info`
+    has 'role' (teacher / student), 'tower' (image / image_text), 'preprocessing' and, for text
+    towers, 'tokenizer', all from the config the method was trained with. `role` None: the
+    network the evaluators use."""
+    raise NotImplementedError(f"{type(self).__name__} has no encoder export")

@@ -77,6 +77,34 @@ class ImageText(Method):
   def text_features(self, model: nnx.Module, extras: Any, tokens: jax.Array) -> jax.Array:
     return model.encode_text(tokens)
 
+  def predict_fns(self) -> dict[str, Any]:
+    """'image_features' (k-NN / probe) and 'image_embed' are the L2-normalised image embedding,
+    'text_embed' the text one."""
+    image = self._predict_fn(self.image_features)
+    return {"image_features": image, "image_embed": image,
+            "text_embed": self._predict_fn(self.text_features)}
+
+  def export_encoder(self, params: Any, model_state: Any, extras: Any, *,
+                     role: str | None = None) -> tuple[dict, nnx.Module, dict]:
+    """The two towers of `model_config` (the student: there is no teacher); what a subclass adds
+    for its loss only (SLIP's SimCLR head) is left out."""
+    if role not in (None, "student"):
+      raise ConfigError(f"method {self.config.method!r} has no teacher; use --role=student")
+    net = self.predict_model(params, model_state)
+    config = self.model_config()
+    towers = nnx.eval_shape(lambda k: interop.build_module(config, nnx.Rngs(params=k)),
+                            jax.random.key(0))
+    for name in sorted(set(vars(net)) - set(vars(towers))):  # loss-only heads
+      delattr(net, name)
+    spec = data.tokenizer_spec(self.config.data)
+    info = {"role": "student", "tower": "image_text", "preprocessing": self.image_preprocessing(),
+            "tokenizer": {"model_path": spec.model_path, "context_length": spec.context_length,
+                          "lowercase": spec.lowercase, "pad_id": spec.pad_id,
+                          "bos_id": spec.bos_id, "eot_id": spec.eot_id,
+                          "framing": "[BOS] pieces [EOT] [PAD]...; EOT kept on truncation",
+                          "pool": self.config.model.text.get("pool", "first_eot")}}
+    return config, net, info
+
   def after_update(self, params: Any, extras: Any, step: jax.Array) -> tuple[Any, Any]:
     max_scale = self.config.loss.get("max_logit_scale")
     if max_scale:

@@ -98,6 +98,36 @@ class SSLMethod(Method):
     del extras
     return model
 
+  def predict_fns(self) -> dict[str, Callable]:
+    """'image_features': pooled backbone features of `eval_model` (teacher or student)."""
+    return {"image_features": self._predict_fn(self.image_features)}
+
+  def image_normalization(self) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """(mean, std) of the first view's preset, as `normalize`; (0, 1) for [0, 1] inputs."""
+    spec = device_ops.PHOTOMETRIC.get(tuple(self.config.augment.views0)[0])
+    if spec.normalize is None:
+      return (0.0, 0.0, 0.0), (1.0, 1.0, 1.0)
+    mean, std = device_ops.NORMALIZATIONS.get(spec.normalize)
+    return tuple(float(v) for v in mean), tuple(float(v) for v in std)
+
+  def export_encoder(self, params: Any, model_state: Any, extras: Any, *,
+                     role: str | None = None) -> tuple[dict, nnx.Module, dict]:
+    """The backbone (heads are training-only) of the teacher or student: by default the one
+    `eval_model` evaluates."""
+    student = self.predict_model(params, model_state)
+    has_teacher = isinstance(self, TeacherMixin) and "teacher" in (extras or {})
+    if role is None:
+      net = self.eval_model(student, extras)
+      role = "student" if net is student else "teacher"
+    elif role == "teacher":
+      if not has_teacher:
+        raise ConfigError(f"method {self.config.method!r} has no teacher; use --role=student")
+      net = self.teacher_model(extras["teacher"])
+    else:
+      net = student
+    return (self.backbone_config(), net.backbone,
+            {"role": role, "tower": "image", "preprocessing": self.image_preprocessing()})
+
 
 def head_out_dim(head: nnx.Module, default: int) -> int:
   """Output width of a head module (its last Linear), falling back to `default`."""
