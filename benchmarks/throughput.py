@@ -2,6 +2,9 @@
 
   python benchmarks/throughput.py --config=configs/clip_vitb16.py --batch_per_device=256 \
       --peak_tflops=989 [--config.model.image.attention_impl=xla]
+  python benchmarks/throughput.py --config=configs/dino_vits16.py --batch_per_device=64
+
+Batches have the shapes the recipe's own host transform produces (multi-crop included).
 
 Model FLOPs per example come from XLA's cost analysis of the compiled train step (forward +
 backward + optimiser), so they count what actually runs. MFU = achieved FLOP/s / (peak x devices).
@@ -48,9 +51,10 @@ def main(argv):
     state, m = compiled(state, batch, rng)
   jax.block_until_ready(m)
   dt = (time.perf_counter() - t0) / _STEPS.value
-  out = {"config": config.method, "image_model": config.model.image.name, "devices": n_dev,
+  image = config.model.get("image") or config.model.backbone
+  out = {"config": config.method, "image_model": image.name, "devices": n_dev,
          "device_kind": jax.devices()[0].device_kind, "global_batch": gbs,
-         "attention_impl": config.model.image.get("attention_impl"), "dtype": config.model.dtype,
+         "attention_impl": image.get("attention_impl"), "dtype": config.model.dtype,
          "step_time_s": dt, "examples_per_s": gbs / dt, "examples_per_s_per_device": gbs / dt / n_dev,
          "model_gflops_per_example": flops_per_step / gbs / 1e9}
   if _PEAK.value:
