@@ -6,9 +6,9 @@ from typing import Any, Sequence
 from ml_collections import ConfigDict, config_dict
 
 from sslvl_jax.errors import ConfigError
+from sslvl_jax.data.device_ops import NORMALIZATIONS
 
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+CLIP_MEAN, CLIP_STD = NORMALIZATIONS.get("clip")
 TRUE, FALSE = ("true", "1", "yes", "on"), ("false", "0", "no", "off")
 
 

@@ -8,6 +8,7 @@ from typing import Any, Mapping
 import numpy as np
 
 from sslvl_jax import models
+from sslvl_jax.data.device_ops import NORMALIZATIONS
 from sslvl_jax.interop.mapping import (Rule, abstract_module, count_blocks, export_weights,
                                        import_weights, layer_norm, linear)
 
@@ -15,8 +16,7 @@ from sslvl_jax.interop.mapping import (Rule, abstract_module, count_blocks, expo
 # configs (ViT-B-16, ViT-L-14, ...) use exact GELU. Neither is recorded in the weights.
 DEFAULT_ACT = {"openai": "quick_gelu", "open_clip": "gelu"}
 # OpenAI's image normalisation, also open_clip's default.
-MEAN = (0.48145466, 0.4578275, 0.40821073)
-STD = (0.26862954, 0.26130258, 0.27577711)
+MEAN, STD = NORMALIZATIONS.get("clip")
 # Scalars OpenAI's TorchScript archives keep next to the weights; not weights.
 IGNORED_KEYS = ("input_resolution", "context_length", "vocab_size", "attn_mask")
 LAYOUT = "OpenAI/open_clip CLIP"

@@ -8,11 +8,11 @@ from typing import Any, Mapping
 import numpy as np
 
 from sslvl_jax import models
+from sslvl_jax.data.device_ops import NORMALIZATIONS
 from sslvl_jax.interop.mapping import (Rule, abstract_module, count_blocks, export_weights,
                                        import_weights, layer_norm, linear)
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+IMAGENET_MEAN, IMAGENET_STD = NORMALIZATIONS.get("imagenet")
 # DINO's projection head (full checkpoints) and timm's classifier: not part of the backbone.
 IGNORED_PREFIXES = ("head.",)
 LAYOUT = "DINO/timm ViT"

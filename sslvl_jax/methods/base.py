@@ -13,7 +13,9 @@ from flax import nnx
 from jax.sharding import Mesh
 from ml_collections import ConfigDict
 
-IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+from sslvl_jax.data.device_ops import NORMALIZATIONS
+
+IMAGENET_MEAN, IMAGENET_STD = NORMALIZATIONS.get("imagenet")
 
 
 @flax.struct.dataclass
