@@ -105,13 +105,14 @@ def test_state_is_born_sharded_params_moments_and_teacher():
   leaf = state.params["text"]["blocks"][0]["mlp"]["fc1"]["kernel"][...]
   assert "fsdp" in leaf.sharding.spec and leaf.addressable_shards[0].data.shape == (64, 64)
   assert jax.tree.map(lambda x: x.sharding, state) == shardings
-  # With fsdp=1 the state is replicated and bitwise the params the model draws eagerly.
+  # With fsdp=1 the state is replicated and the params the model draws eagerly (to one ulp: older
+  # XLA versions fuse the jitted init's scaling differently).
   _, (make1, _, _, _) = _initializer(quickstart.get_config("smoke"), _mesh(8, 1))
   rep = make1(jax.random.key(0))
   assert not sharding.describe(rep)
   eager, _ = methods.get(c.method)(c, _mesh(8, 1)).init_model(jax.random.key(0))
   for a, b in zip(jax.tree.leaves(eager), jax.tree.leaves(rep.params)):
-    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=3e-7, atol=0)
   for a, b in zip(jax.tree.leaves(rep), jax.tree.leaves(state)):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))  # the same values, other layout
   # A teacher EMA (in extras) is split like the student it mirrors (shapes only: no compile).
