@@ -12,12 +12,12 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 from ml_collections import ConfigDict
 
-from sslvl_jax import data, methods, optim, parallel, train
+from sslvl_jax import data, durations, methods, optim, parallel, rngs, train
 
 REPO = str(pathlib.Path(__file__).resolve().parents[1])
 if REPO not in sys.path:  # recipe configs import `configs.common`
   sys.path.insert(0, REPO)
-TOTAL_STEPS = 1000  # the schedule the benchmarked optimiser is built for
+TOTAL_STEPS, WARMUP_STEPS = 1000, 10  # the schedule the benchmarked optimiser is built for
 
 
 def prepare(config: ConfigDict, global_batch: int, vocab_size: int) -> ConfigDict:
@@ -25,8 +25,7 @@ def prepare(config: ConfigDict, global_batch: int, vocab_size: int) -> ConfigDic
   config = copy.deepcopy(config)
   with config.unlocked():
     config.global_batch_size = global_batch
-    config.schedule = {"total_steps": TOTAL_STEPS, "steps_per_epoch": TOTAL_STEPS}
-    config.optim.warmup_steps = 10
+    config.optim.warmup_steps = WARMUP_STEPS
     for key in ("warmup_epochs", "warmup_examples"):
       if key in config.optim:
         del config.optim[key]
@@ -74,10 +73,12 @@ def synthetic_batch(config: ConfigDict, method: Any, mesh: Any) -> dict[str, jax
 
 def build(config: ConfigDict, mesh: Any) -> tuple[Any, Any, Any]:
   """(method, jitted state initialiser rng -> TrainState born sharded, jitted train step)."""
-  method = methods.get(config.method)(config, mesh)
-  builder = lambda p: optim.build(config.optim, p, total_steps=TOTAL_STEPS,  # noqa: E731
-                                  global_batch_size=config.global_batch_size)
-  make, shardings, tx, schedule = train.initializer(method, builder, jax.random.key(0), mesh,
-                                                    config.get("sharding_rules"))
-  step = train.make_train_step(method, tx, schedule, mesh, state_sharding=shardings)
+  schedule = durations.Schedule(TOTAL_STEPS, steps_per_epoch=TOTAL_STEPS,
+                                global_batch_size=config.global_batch_size,
+                                warmup_steps=WARMUP_STEPS)
+  method = methods.get(config.method)(config, mesh, schedule)
+  builder = lambda p: optim.build(config.optim, p, schedule)  # noqa: E731
+  make, shardings, tx, lr = train.initializer(method, builder, rngs.seed_key(0), mesh,
+                                              config.get("sharding_rules"))
+  step = train.make_train_step(method, tx, lr, mesh, state_sharding=shardings)
   return method, make, step

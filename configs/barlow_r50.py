@@ -45,18 +45,13 @@ def get_config(arg: str | None = None) -> ConfigDict:
   c.evals = ConfigDict(dict(knn=common.knn_eval(20_000)))
   c.collapse_rules = (("train/embed_std", "<", 0.001),)  # healthy 1/sqrt(8192) = 0.011
   if arg.variant in ("digits", "smoke"):  # CPU scale: the built-in digits, micro ResNet
-    # 8 x 8 digits: 16 px keeps every pixel
-    c.data = common.digits_images(crop_groups=((16, (0.35, 1.0), 2),), image_size=16)
-    c.model.backbone = common.micro_resnet()
-    c.model.dtype = "float32"
+    common.digits_resnet(c)
     # LARS kept. With eta 1e-3 it takes steps of ~lr x 1e-3 x |w|: at batch 128 the linearly
     # scaled lr (0.1) barely moves the weights in 300 steps: peak 1.0 here (ImageNet's is 1.6).
     c.optim.lr_per_256 = 2.0
   if arg.variant == "digits":
     c.model.heads.projector.update(hidden_dim=256, out_dim=128)
-    common.train_in_steps(c, batch=128, steps=300, warmup_steps=30, log_every=25,
-                          checkpoint_every=1000)
-    c.evals = ConfigDict(dict(knn=common.knn_eval(0, batch_size=256)))
+    common.digits_ssl_run(c)
   elif arg.variant == "smoke":
     c.model.heads.projector.update(hidden_dim=32, out_dim=16)
     common.smoke_run(c)

@@ -50,9 +50,7 @@ def get_config(arg: str | None = None) -> ConfigDict:
     c.teacher.momentum = 0.99
     # AdamW instead of LARS: the paper's LARS settings assume batches of 512-4096.
     c.optim = ConfigDict(dict(name="adamw", lr=1e-3, weight_decay=0.05))
-    common.train_in_steps(c, batch=128, steps=1500, warmup_steps=30, log_every=25,
-                          checkpoint_every=1000)
-    c.evals = ConfigDict(dict(knn=common.knn_eval(0, batch_size=256)))
+    common.digits_ssl_run(c, steps=1500)
   elif arg.variant == "smoke":
     c.model.heads.projector.update(hidden_dim=32, out_dim=16)
     c.model.heads.predictor.update(hidden_dim=32, out_dim=16)

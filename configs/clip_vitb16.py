@@ -36,14 +36,7 @@ def get_config(arg: str | None = None) -> ConfigDict:
                            max_logit_scale=100.0, chunk_size=0))
   c.optim = ConfigDict(dict(name="adamw", lr=5e-4, b1=0.9, b2=0.98, eps=1e-6, weight_decay=0.2,
                             warmup_steps=10_000, clip_grad_norm=None))
-  c.evals = ConfigDict(dict(
-      imagenet_zero_shot=dict(type="zero_shot", split="validation",
-                              data=dict(name="tfds", dataset="imagenet2012", image_size=224),
-                              classnames="imagenet", templates="imagenet",
-                              every_steps=10_000, batch_size=1024)))
+  c.evals = ConfigDict(dict(imagenet_zero_shot=common.imagenet_zero_shot()))
   if arg.variant == "smoke":  # CPU scale: the built-in digits, micro towers, 4 steps
-    c.data = common.digits_data()
-    common.micro_towers(c, embed_dim=32)
-    c.model.dtype = "float32"
-    common.smoke_run(c)
+    common.digits_image_text(c, arg.variant)
   return common.loop_fields(c)

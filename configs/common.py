@@ -90,12 +90,14 @@ def data_config(**fields) -> ConfigDict:
   # worker_count: decode processes (-1: one per core this process may use, less one);
   # prefetch_batches: batches put on the devices while the step runs (0: none);
   # streaming (webdataset): read shards in order, no index; needs num_examples;
-  # image_key / label_key: TFDS feature names; lowercase: the tokenizer lowercases captions.
+  # image_key / label_key: TFDS feature names; lowercase: the tokenizer lowercases captions;
+  # delimiter (csv): unset sniffs it from the header line (a tab for .tsv), else e.g. ',' or 'tab'.
   d = dict(name="digits", splits=dict(train="", test=""), image_size=224, tokenizer="",
            context_length=77, lowercase=True, worker_count=0, prefetch_batches=2,
            max_skip_fraction=0.05, streaming=False, resampled=False, shuffle_buffer=0,
            num_examples=config_dict.placeholder(int),
            image_column="filepath", caption_column="title", label_column=str_field(),
+           delimiter=str_field(),
            image_root=str_field(), text_ext="txt", dataset=str_field(), data_dir=str_field(),
            image_key="image", label_key="label", text_key=str_field(), crops=str_field(),
            eval_resize_ratio=1.0, crop_groups=config_dict.placeholder(tuple),
@@ -167,6 +169,45 @@ def smoke_run(c: ConfigDict) -> None:
   """`:smoke`'s loop: 4 steps of 16 examples, warm-up 1, log and checkpoint every 2, no evals."""
   train_in_steps(c, batch=16, steps=4, warmup_steps=1, log_every=2, checkpoint_every=2)
   c.evals = ConfigDict()
+
+
+def digits_image_text(c: ConfigDict, variant: str) -> None:
+  """An image-text recipe at CPU scale (`variant` 'digits' or 'smoke'): the built-in digits and
+  micro towers in float32; `:digits` trains 600 steps of 128 with the quickstart's lr and decay
+  (the recipe's optimiser kept) and reports zero-shot, `:smoke` runs 4 steps."""
+  c.data = digits_data()
+  c.model.dtype = "float32"
+  if variant == "digits":
+    micro_towers(c, embed_dim=64)
+    train_in_steps(c, batch=128, steps=600, warmup_steps=50, log_every=50, checkpoint_every=1000)
+    c.optim.update(lr=2e-3, weight_decay=0.1)
+    c.evals = ConfigDict(dict(zero_shot=digits_zero_shot()))
+  else:
+    micro_towers(c, embed_dim=32)
+    smoke_run(c)
+
+
+def digits_resnet(c: ConfigDict) -> None:
+  """An image-only recipe on the built-in digits with the micro ResNet in float32: two 16 px
+  crops (8 x 8 digits: 16 px keeps every pixel) of scale 0.35-1."""
+  c.data = digits_images(crop_groups=((16, (0.35, 1.0), 2),), image_size=16)
+  c.model.backbone = micro_resnet()
+  c.model.dtype = "float32"
+
+
+def digits_ssl_run(c: ConfigDict, steps: int = 300) -> None:
+  """`:digits`' loop for the image-only recipes: `steps` of 128, warm-up 30, log every 25, k-NN
+  at the end."""
+  train_in_steps(c, batch=128, steps=steps, warmup_steps=30, log_every=25, checkpoint_every=1000)
+  c.evals = ConfigDict(dict(knn=knn_eval(0, batch_size=256)))
+
+
+def imagenet_zero_shot(every_steps: int = 10_000) -> ConfigDict:
+  """Zero-shot top-1 on ImageNet-1k validation (TFDS) with the 80 CLIP prompt templates."""
+  return ConfigDict(dict(type="zero_shot", split="validation",
+                         data=dict(name="tfds", dataset="imagenet2012", image_size=224),
+                         classnames="imagenet", templates="imagenet", every_steps=every_steps,
+                         batch_size=1024))
 
 
 def knn_eval(every_steps: int, **overrides) -> ConfigDict:

@@ -32,7 +32,9 @@ def dino_config(backbone: str, variant: str | None) -> ConfigDict:
   c.checkpoint_every_steps = 2000
   c.data = common.imagenet_data("dino")
   c.augment = ConfigDict(dict(views0=("dino_global1", "dino_global2"), views1=("dino_local",)))
-  bb = dict(name=backbone, drop_path_rate=0.1) if backbone.startswith("vit") else dict(name=backbone)
+  # ViTs resize position embeddings for the 96 px local crops as DINO's interpolate_pos_encoding
+  bb = (dict(name=backbone, drop_path_rate=0.1, pos_interp="dino") if backbone.startswith("vit")
+        else dict(name=backbone))
   c.model = ConfigDict(dict(
       backbone=bb,
       heads=dict(head=dict(name="dino", out_dim=65536, hidden=2048, bottleneck=256,

@@ -36,7 +36,8 @@ def get_config(arg: str | None = None) -> ConfigDict:
       backbone=dict(name="resnet50"),
       heads=dict(projector=dict(name="moco_v2_projector", hidden_dim=2048, out_dim=128)),
       bn_group_size=32, shuffle_bn=True, dtype="bfloat16"))
-  c.teacher = ConfigDict(dict(momentum=0.999, momentum_end=0.999, init="copy"))
+  c.teacher = ConfigDict(dict(momentum=0.999, momentum_end=0.999, init="copy",
+                              eval_on_teacher=False))  # the query encoder is evaluated
   c.loss = ConfigDict(dict(temperature=0.2, queue_size=65536))
   c.optim = ConfigDict(dict(name="sgd", lr_per_256=0.03, weight_decay=1e-4, momentum=0.9,
                             warmup_steps=0))
@@ -45,10 +46,7 @@ def get_config(arg: str | None = None) -> ConfigDict:
   # before spreading out; a real collapse ends near 1e-4.
   c.collapse_rules = (("train/embed_std", "<", 0.001),)
   if arg.variant in ("digits", "smoke"):  # CPU scale: the built-in digits, micro ResNet
-    # 8 x 8 digits: 16 px keeps every pixel
-    c.data = common.digits_images(crop_groups=((16, (0.35, 1.0), 2),), image_size=16)
-    c.model.backbone = common.micro_resnet()
-    c.model.dtype = "float32"
+    common.digits_resnet(c)
     c.teacher.update(momentum=0.99, momentum_end=0.99)
     c.optim.lr_per_256 = 0.3  # SGD kept, no warm-up; solo-learn's CIFAR MoCo v2+ lr
   if arg.variant == "digits":

@@ -40,7 +40,8 @@ def get_config(arg: str | None = None) -> ConfigDict:
                  predictor=dict(name="moco_v3_predictor_vit", input="projector", hidden_dim=4096,
                                 out_dim=256)),
       dtype="bfloat16"))
-  c.teacher = ConfigDict(dict(momentum=0.99, momentum_end=1.0, init="copy"))
+  c.teacher = ConfigDict(dict(momentum=0.99, momentum_end=1.0, init="copy",
+                              eval_on_teacher=False))  # the query encoder is evaluated
   c.loss = ConfigDict(dict(temperature=0.2, chunk_size=0))
   c.optim = ConfigDict(dict(name="adamw", lr_per_256=1.5e-4, b1=0.9, b2=0.999, weight_decay=0.1,
                             warmup_epochs=40, no_decay_rules=("backbone/patch_embed",)))
@@ -55,9 +56,7 @@ def get_config(arg: str | None = None) -> ConfigDict:
   if arg.variant == "digits":
     c.model.heads.projector.update(hidden_dim=256, out_dim=64)
     c.model.heads.predictor.update(hidden_dim=256, out_dim=64)
-    common.train_in_steps(c, batch=128, steps=300, warmup_steps=30, log_every=25,
-                          checkpoint_every=1000)
-    c.evals = ConfigDict(dict(knn=common.knn_eval(0, batch_size=256)))
+    common.digits_ssl_run(c)
   elif arg.variant == "smoke":
     c.model.heads.projector.update(hidden_dim=32, out_dim=16)
     c.model.heads.predictor.update(hidden_dim=32, out_dim=16)

@@ -51,9 +51,7 @@ def get_config(arg: str | None = None) -> ConfigDict:
     # AdamW instead of SGD (the predictor still at a constant lr): SGD's settings assume batch 512.
     c.optim = ConfigDict(dict(name="adamw", lr=1e-3, weight_decay=0.05,
                               constant_lr_rules=c.optim.constant_lr_rules))
-    common.train_in_steps(c, batch=128, steps=1500, warmup_steps=30, log_every=25,
-                          checkpoint_every=1000)
-    c.evals = ConfigDict(dict(knn=common.knn_eval(0, batch_size=256)))
+    common.digits_ssl_run(c, steps=1500)
   elif arg.variant == "smoke":
     common.smoke_run(c)
     c.optim.warmup_steps = 0

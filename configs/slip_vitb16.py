@@ -39,17 +39,7 @@ def get_config(arg: str | None = None) -> ConfigDict:
                             warmup_epochs=1))
   c.evals = ConfigDict()
   if arg.variant in ("digits", "smoke"):  # CPU scale: the built-in digits, micro towers
-    c.data = common.digits_data()
+    common.digits_image_text(c, arg.variant)
     c.data.update(crops=None, crop_groups=((32, (0.5, 1.0), 2),))
     c.model.ssl_head = ConfigDict(dict(hidden_dim=64, out_dim=32))
-    c.model.dtype = "float32"
-  if arg.variant == "digits":
-    common.micro_towers(c, embed_dim=64)
-    common.train_in_steps(c, batch=128, steps=600, warmup_steps=50, log_every=50,
-                          checkpoint_every=1000)
-    c.optim.update(lr=2e-3, weight_decay=0.1)  # the quickstart's lr and decay
-    c.evals = ConfigDict(dict(zero_shot=common.digits_zero_shot()))
-  elif arg.variant == "smoke":
-    common.micro_towers(c, embed_dim=32)
-    common.smoke_run(c)
   return common.loop_fields(c)

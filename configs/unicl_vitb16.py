@@ -37,15 +37,5 @@ def get_config(arg: str | None = None) -> ConfigDict:
                             warmup_epochs=5))
   c.evals = ConfigDict()
   if arg.variant in ("digits", "smoke"):  # CPU scale: the built-in digits, micro towers
-    c.data = common.digits_data()
-    c.model.dtype = "float32"
-  if arg.variant == "digits":
-    common.micro_towers(c, embed_dim=64)
-    common.train_in_steps(c, batch=128, steps=600, warmup_steps=50, log_every=50,
-                          checkpoint_every=1000)
-    c.optim.update(lr=2e-3, weight_decay=0.1)  # the quickstart's lr and decay
-    c.evals = ConfigDict(dict(zero_shot=common.digits_zero_shot()))
-  elif arg.variant == "smoke":
-    common.micro_towers(c, embed_dim=32)
-    common.smoke_run(c)
+    common.digits_image_text(c, arg.variant)
   return common.loop_fields(c)

@@ -15,8 +15,10 @@ Other methods get plain accumulation: the mean over micro-batches of each micro-
 gradient, equal to the full-batch gradient when the loss is a batch mean (BYOL, SimSiam, DINO).
 
 State rule for both: every micro-batch starts from the step's model and method state, and the new
-state is the mean over micro-batches of what each produced (float leaves; other leaves are taken
-from the last micro-batch). So BatchNorm normalises with micro-batch statistics and its running
+state is the mean over micro-batches of what each produced (float leaves, computed as the start
+plus the mean change, so a leaf that no micro-batch changes, like MoCo's teacher after its
+once-per-step `before_step` EMA, stays bitwise as it was; other leaves are taken from the last
+micro-batch). So BatchNorm normalises with micro-batch statistics and its running
 averages move by the mean of the micro-batch statistics; DINO's centre moves by the mean teacher
 output of the whole batch, exactly as with one batch.
 """
@@ -59,10 +61,14 @@ def merge(x: jax.Array, num_shards: int) -> jax.Array:
   return x.reshape(num_shards * k * m, *x.shape[3:])
 
 
-def mean_state(stacked: Any) -> Any:
-  """The state rule: mean over the leading micro-batch axis of float leaves, else the last."""
-  return jax.tree.map(lambda x: x.mean(0).astype(x.dtype)
-                      if jnp.issubdtype(x.dtype, jnp.floating) else x[-1], stacked)
+def mean_state(stacked: Any, start: Any) -> Any:
+  """The state rule: `start` moved by the mean over the leading micro-batch axis of each float
+  leaf's change (a leaf no micro-batch changed stays bitwise `start`), else the last."""
+  def rule(x, x0):
+    if not jnp.issubdtype(x.dtype, jnp.floating):
+      return x[-1]
+    return (x0 + (x - x0).mean(0)).astype(x.dtype)
+  return jax.tree.map(rule, stacked, start)
 
 
 def value_and_grad(method: Method, k: int, mesh: Mesh) -> GradFn:
@@ -95,7 +101,8 @@ def value_and_grad(method: Method, k: int, mesh: Mesh) -> GradFn:
     grads, (losses, (m, model_state, extras)) = jax.lax.scan(body, zeros, (index, to_micro(batch)))
     grads = jax.tree.map(lambda g: g / k, grads)
     m = jax.tree.map(lambda x: x.mean(0), m)
-    return (losses.mean(), (m, mean_state(model_state), mean_state(extras))), grads
+    return (losses.mean(), (m, mean_state(model_state, state.model_state),
+                            mean_state(extras, state.extras))), grads
 
   def cache(params: Any, state: TrainState, batch: dict, rng: jax.Array,
             monitor: jax.Array | bool = True):
@@ -105,7 +112,8 @@ def value_and_grad(method: Method, k: int, mesh: Mesh) -> GradFn:
     micro = to_micro(batch)
     emb, (model_state, extras) = jax.lax.map(  # (1) no activations kept: nothing is differentiated
         lambda xs: jax.lax.stop_gradient(embed(params, xs[1], xs[0])), (index, micro))
-    model_state, extras = mean_state(model_state), mean_state(extras)
+    model_state = mean_state(model_state, state.model_state)
+    extras = mean_state(extras, state.extras)
     after = state.replace(extras=extras)
     loss_grad = jax.value_and_grad(method.forward_embedding_loss, argnums=(0, 1), has_aux=True)
     (loss, (m, extras)), (grads, emb_grad) = loss_grad(params, to_full(emb), after, batch, rng,

@@ -21,11 +21,12 @@ from sslvl_jax import config_check, workdir as workdir_lib
 from sslvl_jax.errors import ConfigError, RunError
 
 # Keys that may change on resume: they do not change what a step computes.
-SAFE_TO_CHANGE = ("total_steps", "total_epochs", "total_examples", "schedule.total_steps",
-                  "log_every_steps", "checkpoint_every_steps", "keep_checkpoints", "stop_at_step",
+SAFE_TO_CHANGE = ("total_steps", "total_epochs", "total_examples", "total_percent",
+                  "log_every_*", "checkpoint_every_*", "keep_checkpoints", "stop_at_step",
                   "num_devices", "nonfinite", "max_consecutive_skips", "collapse_rules",
                   "preemption_check_every_steps", "evals", "evals.*", "data.prefetch_batches",
-                  "data.max_skip_fraction", "mesh", "mesh.*", "sharding_rules")
+                  "data.max_skip_fraction", "mesh", "mesh.*", "sharding_rules",
+                  "teacher.eval_on_teacher", "schedule", "schedule.*")  # (resolved step counts stored by older versions)
 # The mesh shape and the sharding rules only move arrays between devices (a resume reshards).
 # Not data.worker_count: grain's multi-process iterator state is per worker.
 UNSET = "<unset>"

@@ -1,10 +1,14 @@
 """Run a config's evaluators on a checkpoint (or on the random initialisation, as a baseline).
 
-  python -m sslvl_jax.evaluate --config=configs/byol_r50.py:digits --workdir=DIR [--step=N]
+  python -m sslvl_jax.evaluate --config=configs/byol_r50.py:digits --workdir=DIR [--step=N] \
+      [--role=teacher|student]
 
 --step defaults to the latest checkpoint in WORKDIR; --step=0 (or an empty workdir) evaluates
 the randomly initialised network of the same config, the baseline a pretraining run must beat.
-Results go to stdout, WORKDIR/metrics.jsonl and WORKDIR/evals/<name>_<step>.json.
+Results go to stdout, WORKDIR/metrics.jsonl and WORKDIR/evals/<name>_<step>_<hash>.json, the hash
+of the evaluator's settings: evaluating with other settings (templates, class names, data) writes
+a new file, and no result file, the training run's included, is ever replaced (see
+`evals.tasks.save_result`).
 """
 
 from __future__ import annotations
@@ -20,15 +24,20 @@ from sslvl_jax.errors import ConfigError
 _CONFIG = config_flags.DEFINE_config_file("config", None, "recipe config file", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "the training run's directory")
 _STEP = flags.DEFINE_integer("step", None, "checkpoint step (default latest; 0 = random init)")
+_ROLE = flags.DEFINE_enum("role", None, ["teacher", "student"],
+                          "which network to evaluate (default: the method's, as in training)")
 
 
-def evaluate(config, workdir: str, step: int | None = None) -> dict[str, float]:
-  """Evaluate checkpoint `step` of `workdir` (latest if None, random init if 0 or none saved)."""
+def evaluate(config, workdir: str, step: int | None = None, role: str | None = None
+             ) -> dict[str, float]:
+  """Evaluate checkpoint `step` of `workdir` (latest if None, random init if 0 or none saved)
+  with the network `role` (None: the method's default, the one training evaluated)."""
   from sslvl_jax import metrics, train  # pylint: disable=g-import-not-at-top
-  s = train.setup(config, workdir, step=step)
+  s = train.setup(config, workdir, step=step, role=role)
   at = int(s.state.step)
   writer = metrics.Writer(workdir)
-  writer.log(f"evaluating {'random initialisation' if at == 0 else f'step {at}'} of {workdir}")
+  writer.log(f"evaluating the {s.role} at "
+             f"{'random initialisation' if at == 0 else f'step {at}'} of {workdir}")
   if not s.evaluators:
     raise ConfigError("config.evals is empty: nothing to evaluate")
   out = train.run_evaluators(s.evaluators, s, s.state, at, writer, workdir)
@@ -41,7 +50,7 @@ def main(argv: list[str]) -> None:
   del argv
   cli.required(config=_CONFIG.value, workdir=_WORKDIR.value)
   logging.set_verbosity(logging.WARNING)
-  res = evaluate(_CONFIG.value, _WORKDIR.value, _STEP.value)
+  res = evaluate(_CONFIG.value, _WORKDIR.value, _STEP.value, _ROLE.value)
   print(json.dumps({k: round(float(v), 5) for k, v in res.items()}))
 
 

@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import optax
 from ml_collections import ConfigDict
 
+from sslvl_jax import durations
 from sslvl_jax.errors import ConfigError
 from sslvl_jax.registry import Registry
 
@@ -142,8 +143,8 @@ def frozen_for(inner: optax.GradientTransformation, n_steps: int) -> optax.Gradi
   return optax.GradientTransformation(init, update)
 
 
-def build(cfg: ConfigDict, params: Any, *, total_steps: int, global_batch_size: int,
-          steps_per_epoch: float = 1.0) -> tuple[optax.GradientTransformation, Schedule]:
+def build(cfg: ConfigDict, params: Any, schedule: durations.Schedule
+          ) -> tuple[optax.GradientTransformation, Schedule]:
   """The optimiser of a config: clipping, the named optimiser, schedules, masks and param groups.
 
   cfg fields: name, lr | lr_per_256 | lr_sqrt, warmup_steps, end_lr, weight_decay,
@@ -151,11 +152,14 @@ def build(cfg: ConfigDict, params: Any, *, total_steps: int, global_batch_size: 
   or clip_grad_per_tensor, constant_lr_rules (regexes of params kept at the base lr, SimSiam's
   predictor), freeze_rules ((regex, epochs), ...): params whose update is zero for that long
   (DINO's last layer in epoch 1), lr_multiplier_rules ((regex, factor), ...): params trained at
-  factor x the scheduled lr (Barlow Twins' biases and BN at 0.0048 / 0.2). A param follows the
-  first matching rule, in the order constant, freeze, multiplier.
+  factor x the scheduled lr (Barlow Twins' biases and BN at 0.0048 / 0.2), lock_rules (regexes):
+  params never updated and given no optimiser state (LiT's locked tower). A param follows the
+  first matching rule, in the order lock, constant, freeze, multiplier. Step counts (total, warm-up,
+  per epoch) come from the run's `schedule`.
   """
-  peak = base_lr(cfg, global_batch_size)
-  lr = warmup_cosine(peak, total_steps, cfg.get("warmup_steps", 0), end_lr=cfg.get("end_lr", 0.0))
+  total_steps, steps_per_epoch = schedule.total_steps, schedule.steps_per_epoch
+  peak = base_lr(cfg, schedule.global_batch_size)
+  lr = warmup_cosine(peak, total_steps, schedule.warmup_steps, end_lr=cfg.get("end_lr", 0.0))
   wd0 = cfg.get("weight_decay", 0.0)
   wd_end = cfg.get("weight_decay_end")
   wd = cosine_ramp(wd0, wd_end, total_steps) if wd_end is not None else (lambda _: wd0)
@@ -177,6 +181,9 @@ def build(cfg: ConfigDict, params: Any, *, total_steps: int, global_batch_size: 
   for rx, factor in cfg.get("lr_multiplier_rules", ()):
     groups[f"lr_x{factor}:{rx}"] = make(cfg, lambda c, f=float(factor): f * lr(c), wd, mask)
     rules.append((rx, f"lr_x{factor}:{rx}"))
+  if cfg.get("lock_rules"):  # no update, no weight decay and no optimiser state, ever
+    groups["locked"] = optax.set_to_zero()
+    rules[:0] = [(rx, "locked") for rx in cfg.lock_rules]
   tx = groups["default"] if not rules else optax.multi_transform(
       groups, rule_mask(params, rules, "default"))
   parts = []

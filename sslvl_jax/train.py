@@ -16,9 +16,9 @@ from etils import epath
 from jax.experimental import multihost_utils
 from ml_collections import ConfigDict
 
-from sslvl_jax import accumulate, checkpoint, data, methods, metrics, optim, parallel, sharding
+from sslvl_jax import (accumulate, checkpoint, data, durations, methods, metrics, optim, parallel,
+                       rngs, sharding)
 from sslvl_jax.errors import ConfigError, RunError
-from sslvl_jax.durations import to_steps
 from sslvl_jax.evals import tasks as eval_tasks
 from sslvl_jax.methods.base import Method, TrainState
 from sslvl_jax.preemption import StopSignal
@@ -40,18 +40,18 @@ def check_skips(skipped: int, seen: int, max_fraction: float) -> None:
 
 
 def initializer(method: Method, tx_builder, rng: jax.Array, mesh, rules: Any = None):
-  """(jitted init: rng -> TrainState born on its shards, the shardings, tx, lr schedule).
+  """(jitted init: seed key -> TrainState born on its shards, the shardings, tx, lr schedule).
 
   The state is never materialised whole: its shapes come from `jax.eval_shape`, each leaf's
   sharding from `rules` (config.sharding_rules, see sslvl_jax.sharding; None: the default) and
   one jit creates every leaf on its own shards.
   """
-  abstract_params, _ = jax.eval_shape(method.init_model, rng)  # sets method.graphdef
+  abstract_params, _ = jax.eval_shape(method.init_model, rngs.stream(rng, "params"))
   tx, schedule = tx_builder(abstract_params)  # masks need only the paths and shapes
 
   def make(rng):
-    params, model_state = method.init_model(rng)
-    extras = method.init_extras(params, model_state, jax.random.fold_in(rng, 1))
+    params, model_state = method.init_model(rngs.stream(rng, "params"))
+    extras = method.init_extras(params, model_state, rngs.stream(rng, "extras"))
     return TrainState(step=jnp.int32(0), params=params, opt_state=tx.init(params),
                       model_state=model_state, extras=extras, guard=new_guard())
 
@@ -84,10 +84,11 @@ def update_guard(guard: dict, ok: jax.Array, step: jax.Array) -> dict[str, jax.A
           "first_bad": jnp.where(~ok & (guard["first_bad"] < 0), step, guard["first_bad"])}
 
 
-def make_train_step(method: Method, tx: optax.GradientTransformation, schedule, mesh,
+def make_train_step(method: Method, tx: optax.GradientTransformation, lr_schedule, mesh,
                     skip_nonfinite: bool = False, state_sharding: Any = None):
-  """The jitted, state-donating train step; the state keeps `state_sharding` (default: the
-  shardings init_state gave it, `method.state_sharding`).
+  """The jitted, state-donating train step fn(state, batch, seed key); the state keeps
+  `state_sharding` (default: the shardings init_state gave it, `method.state_sharding`).
+  Step t draws its randomness from `rngs.step_key(seed key, t)`.
 
   Every step checks on device that the loss, gradient norm and new parameter norm are finite and
   counts the steps that are not in `state.guard`; with `skip_nonfinite` such a step's update is
@@ -97,13 +98,14 @@ def make_train_step(method: Method, tx: optax.GradientTransformation, schedule, 
   """
   config = method.config
   grad_fn = accumulate.value_and_grad(method, config.get("microbatches", 1), mesh)
-  log_every, total_steps = config.get("log_every_steps", 10), config.schedule["total_steps"]
+  log_every, total_steps = method.schedule.log_every, method.schedule.total_steps
 
   def step_fn(state: TrainState, batch: dict, rng: jax.Array) -> tuple[TrainState, dict]:
-    rng = jax.random.fold_in(rng, state.step)
+    rng = rngs.step_key(rng, state.step)
     done = state.step + 1
     monitor = (done % log_every == 0) | (done == total_steps)  # the steps whose metrics are logged
-    (loss, (m, model_state, extras)), grads = grad_fn(state.params, state, batch, rng, monitor)
+    before = state.replace(extras=method.before_step(state.params, state.extras, state.step))
+    (loss, (m, model_state, extras)), grads = grad_fn(state.params, before, batch, rng, monitor)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     params, extras = method.after_update(params, extras, state.step)
@@ -111,7 +113,7 @@ def make_train_step(method: Method, tx: optax.GradientTransformation, schedule, 
     ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & jnp.isfinite(param_norm)
     guard = update_guard(state.guard, ok, state.step + 1)
     out = {f"train/{k}": v for k, v in m.items()}
-    lr = schedule(state.step - state.guard["skipped"])  # the optimiser counts applied steps
+    lr = lr_schedule(state.step - state.guard["skipped"])  # the optimiser counts applied steps
     out.update({"train/loss": loss, "train/lr": lr, "train/grad_norm": grad_norm,
                 "train/param_norm": param_norm, "train/skipped_steps": guard["skipped"]})
     new = (params, opt_state, model_state, extras)
@@ -135,17 +137,25 @@ class Setup:
   batches: data.GlobalBatches
   state: TrainState
   tx: optax.GradientTransformation
-  schedule: Any
+  lr_schedule: Any
   ckpt: checkpoint.Checkpointer
-  total_steps: int
+  schedule: durations.Schedule
   evaluators: dict[str, eval_tasks.Evaluator]
+  eval_every: dict[str, int]  # evaluator name -> interval in steps (0: only at the end)
+  role: str  # the network the evaluators use (teacher / student)
+
+  @property
+  def total_steps(self) -> int:
+    """The run's length in steps."""
+    return self.schedule.total_steps
 
 
 def setup(config: ConfigDict, workdir: str, *, step: int | None = None,
-          allow_change: tuple[str, ...] = ()) -> Setup:
+          allow_change: tuple[str, ...] = (), role: str | None = None) -> Setup:
   """Build mesh, data, method, evaluators and state; restore checkpoint `step` (default: the
   newest that loads, see Checkpointer.restore_latest; a config change outside `allow_change`
-  and the safe keys is refused)."""
+  and the safe keys is refused). The evaluators use the network `role` (None: the method's
+  default, `Method.default_role`)."""
   config = copy.deepcopy(config)
   mesh = parallel.config_mesh(config)  # num_devices, mesh: {"data": -1, "fsdp": 1}
   parallel.check_batch_divides(config.global_batch_size, mesh)
@@ -153,31 +163,29 @@ def setup(config: ConfigDict, workdir: str, *, step: int | None = None,
   if num_examples < config.global_batch_size:
     raise ConfigError(f"global_batch_size={config.global_batch_size} is larger than the "
                       f"{num_examples} training examples; lower it or add data")
-  steps_per_epoch = num_examples / config.global_batch_size
-  total_steps = to_steps(config, "total", steps_per_epoch, config.global_batch_size)
+  schedule = durations.schedule_of(config, num_examples)  # every step count, resolved once
   with config.unlocked():
-    config.optim.warmup_steps = to_steps(config.optim, "warmup", steps_per_epoch,
-                                         config.global_batch_size, default=0)
-    for unit in ("epochs", "examples"):
+    config.optim.warmup_steps = schedule.warmup_steps  # stored resolved with the checkpoints
+    for unit in durations.UNITS[1:]:
       if f"warmup_{unit}" in config.optim:
         del config.optim[f"warmup_{unit}"]
-    config.schedule = {"total_steps": total_steps, "steps_per_epoch": steps_per_epoch}
     # resolved like the durations, so a resume on a host with other cores is seen as a change
     config.data.worker_count = data.resolve_worker_count(config.data.get("worker_count", 0))
   accumulate.check_microbatches(config.global_batch_size, mesh.devices.size,
                                 config.get("microbatches", 1))
-  method = methods.get(config.method)(config, mesh)
-  evaluators = eval_tasks.build_all(config.get("evals", {}), method, mesh)  # checks their data
+  method = methods.get(config.method)(config, mesh, schedule)
+  role = method.resolve_role(role)
+  evaluators = eval_tasks.build_all(config.get("evals", {}), method, mesh,  # checks their data
+                                    predict_fns=method.predict_fns(role))
+  eval_every = {n: schedule.steps(ev.cfg, "every", default=0) for n, ev in evaluators.items()}
   local_bs = config.global_batch_size // jax.process_count()
   dataset = data.train_dataset(
       config.data, train_data, data.example_transform(config.data, method.example, train=True),
       local_batch_size=local_bs, seed=config.seed)
   batches = data.GlobalBatches(dataset, mesh, prefetch=config.data.get("prefetch_batches", 2))
-  tx_builder = lambda p: optim.build(config.optim, p, total_steps=total_steps,  # noqa: E731
-                                     global_batch_size=config.global_batch_size,
-                                     steps_per_epoch=steps_per_epoch)
-  state, (tx, schedule) = init_state(method, tx_builder, jax.random.key(config.seed), mesh,
-                                     config.get("sharding_rules"))
+  tx_builder = lambda p: optim.build(config.optim, p, schedule)  # noqa: E731
+  state, (tx, lr_schedule) = init_state(method, tx_builder, rngs.seed_key(config.seed), mesh,
+                                        config.get("sharding_rules"))
   ckpt = checkpoint.Checkpointer(workdir, max_to_keep=config.get("keep_checkpoints", 3))
   checkpoint.check_shared(workdir)  # before any restore or save: hosts agree on the storage
   target = checkpoint.abstract_like(state)
@@ -187,7 +195,8 @@ def setup(config: ConfigDict, workdir: str, *, step: int | None = None,
     state = restored[0] if restored else state
   elif step:
     state, _ = ckpt.restore(step, target, batches)
-  return Setup(config, mesh, method, batches, state, tx, schedule, ckpt, total_steps, evaluators)
+  return Setup(config, mesh, method, batches, state, tx, lr_schedule, ckpt, schedule, evaluators,
+               eval_every, role)
 
 
 def check_config_change(current: dict, allowed: tuple[str, ...], step: int, meta: dict) -> bool:
@@ -210,15 +219,15 @@ def check_config_change(current: dict, allowed: tuple[str, ...], step: int, meta
 def run_evaluators(evaluators: dict, s: Setup, state: TrainState, step: int,
                    writer: metrics.Writer, workdir: str) -> dict[str, float]:
   """Run `evaluators` on `state` (its params, model state and extras; each evaluator's jitted
-  prediction functions take them as arguments); write and return their results."""
-  del s  # the evaluators hold the method's prediction functions
+  prediction functions take them as arguments); write and return their results, saved with
+  the evaluator's settings and the network evaluated (`s.role`)."""
   out = {}
   for name, ev in evaluators.items():
     res = ev.run(state.params, state.model_state, state.extras)
     res = {f"{name}/{k}": v for k, v in res.items()}
     writer.write(step, res)
     writer.log(f"eval step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in res.items()))
-    eval_tasks.save_result(workdir, name, step, res, ev.settings())
+    eval_tasks.save_result(workdir, name, step, res, {**ev.settings(), "role": s.role})
     out.update(res)
   return out
 
@@ -262,7 +271,7 @@ def run(config: ConfigDict, workdir: str, *, allow_change: tuple[str, ...] = (),
   stop = stop or StopSignal()
   s = setup(config, workdir, allow_change=allow_change)  # bad config/data/evals fail here
   config, mesh, method, batches, state = s.config, s.mesh, s.method, s.batches, s.state
-  tx, schedule, ckpt, total_steps = s.tx, s.schedule, s.ckpt, s.total_steps
+  tx, ckpt, total_steps = s.tx, s.ckpt, s.total_steps
   start = int(state.step)
   writer = metrics.Writer(workdir, keep_until=start)  # rows after the checkpoint are redone
   write_config(workdir, config, start)
@@ -272,11 +281,11 @@ def run(config: ConfigDict, workdir: str, *, allow_change: tuple[str, ...] = (),
   if split:
     writer.log(f"{len(split)} of {len(jax.tree.leaves(state))} state arrays split over the mesh "
                f"{dict(zip(mesh.axis_names, mesh.devices.shape))}, e.g. {split[0]}")
-  rng = jax.random.key(config.seed)
+  rng = rngs.seed_key(config.seed)
   policy, max_run = config.get("nonfinite", "stop"), config.get("max_consecutive_skips", 10)
-  train_step = make_train_step(method, tx, schedule, mesh, skip_nonfinite=policy == "skip")
+  train_step = make_train_step(method, tx, s.lr_schedule, mesh, skip_nonfinite=policy == "skip")
   throughput = metrics.Throughput(config.global_batch_size, total_steps)
-  log_every, ckpt_every = config.get("log_every_steps", 10), config.get("checkpoint_every_steps", 1000)
+  log_every, ckpt_every = s.schedule.log_every, s.schedule.checkpoint_every
   stop_at, max_skip = config.get("stop_at_step"), config.data.get("max_skip_fraction", 0.05)
   step, last = start, {}
   throughput.update(step)
@@ -291,7 +300,8 @@ def run(config: ConfigDict, workdir: str, *, allow_change: tuple[str, ...] = (),
                    or (stop_at is not None and step >= stop_at))
       log_now = step % log_every == 0 or step == total_steps
       save_now = step % ckpt_every == 0 or step == total_steps or preempted
-      evals_now = [n for n, ev in s.evaluators.items() if ev.due(step, total_steps)]
+      evals_now = [n for n, every in s.eval_every.items()
+                   if step == total_steps or (every and step % every == 0)]
       if log_now or save_now or evals_now:
         check_guard(jax.device_get(state.guard), policy, max_run, ckpt)
       if log_now:

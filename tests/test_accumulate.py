@@ -8,7 +8,7 @@ from flax import nnx
 from ml_collections import ConfigDict
 
 from configs import clip_vitb16, dino_vits16, mocov2_r50, siglip_vitb16, unicl_vitb16
-from sslvl_jax import accumulate, parallel, train
+from sslvl_jax import accumulate, durations, parallel, rngs, train
 from sslvl_jax.errors import ConfigError
 from sslvl_jax.methods.base import Method, TrainState
 
@@ -84,7 +84,7 @@ class _ToyMethod(Method):
 def test_accumulation_state_rule_running_means_and_centre_as_one_batch():
   mesh = parallel.make_mesh()
   n, k = mesh.devices.size, 4
-  method = _ToyMethod(ConfigDict(), mesh)
+  method = _ToyMethod(ConfigDict(), mesh, durations.Schedule(1, 1.0, 8 * k))
   params, model_state = method.init_model(jax.random.key(0))
   extras = method.init_extras(params, model_state, None)
   extras["center"] = jnp.array([0.3, -0.2])
@@ -105,11 +105,41 @@ def test_accumulation_state_rule_running_means_and_centre_as_one_batch():
   np.testing.assert_allclose(ms["bn"]["var"][...], want_var, rtol=1e-5)
 
 
-@pytest.mark.slow  # ~20 s each, mostly compilation
-@pytest.mark.parametrize("recipe", [mocov2_r50, dino_vits16])
-def test_recipes_train_with_microbatches(tmp_path, recipe):
-  """MoCo v2 (caching through the queue and shuffle BN) and DINO (accumulation, multi-crop)."""
+def _one_step(recipe, k, tmp_path):
+  """The state after one train step of the recipe's smoke config with k micro-batches, and the
+  state it started from (same seed and batch for every k)."""
   c = recipe.get_config("smoke")
-  c.global_batch_size, c.microbatches, c.total_steps, c.log_every_steps = 32, 2, 2, 1
-  final = train.run(c, str(tmp_path))
-  assert np.isfinite(final["train/loss"]) and final["train/rankme"] > 1
+  c.global_batch_size, c.microbatches, c.total_steps, c.log_every_steps = 32, k, 2, 1
+  s = train.setup(c, str(tmp_path / f"k{k}"))
+  start = jax.device_get(s.state)
+  step = train.make_train_step(s.method, s.tx, s.lr_schedule, s.mesh)
+  state, m = step(s.state, next(s.batches), rngs.seed_key(0))
+  s.batches.close()
+  return start, jax.device_get(state), jax.device_get(m)
+
+
+@pytest.mark.slow  # ~20 s each, mostly compilation
+def test_moco_teacher_takes_one_ema_step_per_step_with_microbatches(tmp_path):
+  """MoCo v2 (gradient caching through the queue and shuffle BN): the key encoder's EMA runs
+  once before the micro-batches, so the teacher after the step is bitwise the one-batch teacher,
+  and the queue receives the whole batch once."""
+  start, one, _ = _one_step(mocov2_r50, 1, tmp_path)
+  _, two, m = _one_step(mocov2_r50, 2, tmp_path)
+  assert np.isfinite(m["train/loss"]) and m["train/rankme"] > 1
+  for a, b in zip(jax.tree.leaves(one.extras["teacher"]["ema"]),
+                  jax.tree.leaves(two.extras["teacher"]["ema"])):
+    np.testing.assert_array_equal(a, b)
+  assert int(two.extras["queue_ptr"]) == int(one.extras["queue_ptr"]) == 32
+  unchanged = np.asarray(start.extras["queue"])[32:]  # the rest of the ring is untouched
+  np.testing.assert_array_equal(np.asarray(two.extras["queue"])[32:], unchanged)
+
+
+@pytest.mark.slow
+def test_dino_centre_with_microbatches_is_the_full_batch_formula(tmp_path):
+  """DINO (accumulation, multi-crop): the centre after a step with 2 micro-batches is
+  m c + (1 - m) mean(teacher outputs of the whole batch), the value of the one-batch step."""
+  start, one, _ = _one_step(dino_vits16, 1, tmp_path)
+  _, two, m = _one_step(dino_vits16, 2, tmp_path)
+  assert np.isfinite(m["train/loss"])
+  assert not np.allclose(one.extras["center"], start.extras["center"])  # it moved
+  np.testing.assert_allclose(two.extras["center"], one.extras["center"], rtol=1e-5, atol=1e-7)

@@ -98,7 +98,7 @@ def test_batch_sets_the_global_batch_and_the_end_lr(name: str):
 
 
 def parse_cli(*args: str) -> ConfigDict:
-  """The config `--config=...` gives, parsed by config_flags as the CLI does."""
+  """The config `--config=... --config.a.b=v` gives, parsed by config_flags as the CLI does."""
   argv = ["prog", *args]
   values = flags.FlagValues()
   holder = config_flags.DEFINE_config_file("config", None, "", flag_values=values, sys_argv=argv)

@@ -6,12 +6,12 @@ from typing import Any
 
 import pytest
 from absl import flags
-from ml_collections import ConfigDict, config_flags
+from ml_collections import ConfigDict
 
 from sslvl_jax import config_check
 from sslvl_jax.errors import ConfigError
+from tests.test_config_args import CONFIGS, parse_cli
 
-CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
 RECIPES = sorted(f[:-3] for f in os.listdir(CONFIGS)
                  if f.endswith(".py") and f not in ("__init__.py", "common.py"))
 LOOP_FIELDS = ("stop_at_step", "keep_checkpoints", "num_devices", "nonfinite",
@@ -115,15 +115,6 @@ def test_unknown_variant_is_named_with_the_known_ones(name: str):
     module.get_config("digit")
   assert str(e.value) == (f"configs/{name}.py: unknown variant 'digit'; known: "
                           f"{', '.join(module.VARIANTS)} (or no argument for the paper recipe)")
-
-
-def parse_cli(*args: str) -> ConfigDict:
-  """The config `--config=... --config.a.b=v` gives, parsed by config_flags as the CLI does."""
-  argv = ["prog", *args]
-  values = flags.FlagValues()
-  holder = config_flags.DEFINE_config_file("config", None, "", flag_values=values, sys_argv=argv)
-  values(argv)
-  return holder.value
 
 
 def test_loop_fields_are_settable_and_a_typo_in_the_variant_reaches_the_cli():

@@ -15,7 +15,7 @@ from flax import nnx
 from ml_collections import ConfigDict
 
 from configs import common, mocov2_r50
-from sslvl_jax import methods, optim, parallel, train
+from sslvl_jax import durations, methods, optim, parallel, train
 from sslvl_jax.methods import contrastive
 from sslvl_jax.methods.base import TrainState
 
@@ -47,8 +47,8 @@ def moco_method(batch: int, queue: int):
   c.augment.views0 = ("clip",)
   c.model.bn_group_size = batch
   c.loss.queue_size = queue
-  c.schedule = {"total_steps": 10, "steps_per_epoch": 1.0}
-  return methods.get("mocov2")(c, parallel.make_mesh())
+  schedule = durations.Schedule(total_steps=10, steps_per_epoch=1.0, global_batch_size=batch)
+  return methods.get("mocov2")(c, parallel.make_mesh(), schedule)
 
 
 def clip_view(crops):
@@ -177,7 +177,8 @@ def test_lr_multiplier_rules_scale_only_matching_params():
   factor = 0.0048 / 0.2
 
   def first_update(**kw):
-    tx, _ = optim.build(ConfigDict(dict(base, **kw)), params, total_steps=10, global_batch_size=256)
+    schedule = durations.Schedule(total_steps=10, steps_per_epoch=1.0, global_batch_size=256)
+    tx, _ = optim.build(ConfigDict(dict(base, **kw)), params, schedule)
     return tx.update(grads, tx.init(params), params)[0]
 
   plain = first_update()

@@ -18,12 +18,14 @@ from PIL import Image
 from sklearn.linear_model import LogisticRegression
 
 from configs import dino_vits16, quickstart
-from sslvl_jax import methods, parallel
+from sslvl_jax import durations, methods, parallel
 from sslvl_jax.errors import ConfigError
 from sslvl_jax.evals import (class_text_embeddings, knn_predict, load_classnames, load_templates,
                              retrieval_recalls, tasks, topk_accuracy, zero_shot_scores)
 from sslvl_jax.evals import linear_probe as linear_probe_lib
 from sslvl_jax.evals.linear_probe import linear_probe
+
+SCHEDULE = durations.Schedule(total_steps=4, steps_per_epoch=1.0, global_batch_size=16)
 
 
 # ---- k-NN -------------------------------------------------------------------------------------
@@ -234,9 +236,8 @@ def test_retrieval_recalls_hand_built():
 def clip() -> tuple:
   """The quickstart smoke CLIP (micro towers, built-in digits), its mesh and its initial model."""
   c = quickstart.get_config("smoke")
-  c.schedule = {"total_steps": 4, "steps_per_epoch": 1.0}
   mesh = parallel.make_mesh()
-  method = methods.get("clip")(c, mesh)
+  method = methods.get("clip")(c, mesh, SCHEDULE)
   params, model_state = method.init_model(jax.random.key(0))
   return method, mesh, (params, model_state, {})
 
@@ -346,11 +347,12 @@ ZERO_SHOT = dict(type="zero_shot", split="test", classnames="digits", templates=
      "evals.zs.data.tokenizer='/no/tok.model': FileNotFoundError: tokenizer model '/no/tok.model' "
      "not found; "),
     (dict(zs={**ZERO_SHOT, "test_split": "test"}),
-     "evals.zs.test_split: not a setting of a zero_shot evaluator; known: batch_size, classnames, "
-     "data, every_steps, split, templates, type"),
+     "evals.zs.test_split: not a setting of a zero_shot evaluator; known: batch_size, "
+     "class_subset, classnames, data, every_epochs, every_examples, every_percent, every_steps, "
+     "split, templates, type"),
     (dict(nn=dict(type="knnn")),
-     "evals.nn.type='knnn': unknown evaluator 'knnn'; known: knn, linear_probe, retrieval, "
-     "zero_shot"),
+     "evals.nn.type='knnn': unknown evaluator 'knnn'; known: classifier, few_shot, knn, "
+     "linear_probe, retrieval, zero_shot"),
     (dict(nn=dict(type="knn", k=1501)),
      "evals.nn.k=1501: more neighbours than the 1500 records of train_split='train'"),
 ])
@@ -431,19 +433,19 @@ def test_ssl_evaluator_reads_the_teacher_from_extras_without_init_model():
   """DINO evaluates its EMA teacher: a k-NN evaluator built from a method that never ran
   init_model gives the teacher's features of the extras it is passed, one compilation for all."""
   c = dino_vits16.get_config("smoke")
-  c.schedule = {"total_steps": 4, "steps_per_epoch": 1.0}
   mesh = parallel.make_mesh()
-  trained = methods.get("dino")(c, mesh)
+  trained = methods.get("dino")(c, mesh, SCHEDULE)
   params, model_state = trained.init_model(jax.random.key(0))
   extras = trained.init_extras(params, model_state, jax.random.key(1))
-  fresh = methods.get("dino")(c, mesh)
+  fresh = methods.get("dino")(c, mesh, SCHEDULE)
   assert fresh.graphdef is None and sorted(fresh.predict_fns()) == ["image_features"]
   ev = tasks.build_all(ConfigDict(dict(knn=dict(type="knn", k=5, batch_size=128))), fresh,
                        mesh)["knn"]
   feats = ev.features(params, model_state, extras, "test_split")[0]
   source, rng = ev.sources["test_split"], np.random.default_rng(0)
   images = jnp.asarray(np.stack([ev.transform(source[i], rng)["image"] for i in range(4)]))
-  want = trained.image_features(trained.merge(params, model_state), extras, images)
+  teacher_net = trained.network(trained.merge(params, model_state), extras, "teacher")
+  want = trained.image_features(teacher_net, extras, images)
   np.testing.assert_allclose(feats[:4], np.asarray(want), rtol=1e-5, atol=1e-6)
   student_moved = ev.features(_perturbed(params), model_state, extras, "test_split")[0]
   np.testing.assert_allclose(student_moved, feats, rtol=1e-6)  # the student is not evaluated

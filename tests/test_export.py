@@ -10,10 +10,27 @@ import pytest
 from flax import nnx
 
 import sslvl_jax
-from configs import dino_vits16, quickstart
-from sslvl_jax import export, models, train
+from configs import byol_r50, dino_vits16, mocov2_r50, quickstart
+from sslvl_jax import durations, export, methods, models, parallel, train
+from sslvl_jax.errors import ConfigError
 from sslvl_jax.data import builtin
 from sslvl_jax.evals.attention import cls_attention_maps
+
+
+@pytest.mark.parametrize("module,default", [(dino_vits16, "teacher"), (byol_r50, "student"),
+                                            (mocov2_r50, "student"), (quickstart, "student")])
+def test_one_role_rule_for_evaluation_and_export(module, default):
+  """The method decides the network evaluated and exported (DINO: its teacher; BYOL, MoCo: the
+  online / query network, as their papers); a role it lacks is a one-line error."""
+  c = module.get_config("smoke")
+  method = methods.get(c.method)(c, parallel.make_mesh(), durations.Schedule(4, 1.0, 16))
+  assert method.resolve_role(None) == default
+  if "teacher" not in method.ROLES:
+    with pytest.raises(ConfigError, match=r"^--role=teacher: method 'clip' has no teacher network "
+                                          r"\(it has: student\)$"):
+      method.predict_fns("teacher")
+  else:
+    assert method.resolve_role("teacher") == "teacher" and method.resolve_role("student") == "student"
 
 
 def _digits(n):
@@ -31,7 +48,8 @@ def test_exported_encoder_reproduces_the_run(tmp_path, module, role):
   assert cfg["preprocessing"]["image_size"] == 32
   images = _digits(8)
   s = train.setup(c, workdir)
-  model = s.method.merge(s.state.params, s.state.model_state)
+  model = s.method.network(s.method.merge(s.state.params, s.state.model_state), s.state.extras,
+                           role)
   want = np.asarray(s.method.image_features(model, s.state.extras, jnp.asarray(images)))
   got = np.asarray(sslvl_jax.load_encoder(out, tower="image")(images))
   np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)

@@ -208,7 +208,7 @@ def test_skip_policy_applies_no_update_on_a_nonfinite_step(tmp_path):
   """With nonfinite='skip', a step whose loss is NaN returns the state it was given (but for the
   step and the guard's counters); the next finite step is applied and resets the run."""
   s = train.setup(smoke_config(4), str(tmp_path))
-  step_fn = train.make_train_step(s.method, s.tx, s.schedule, s.mesh, skip_nonfinite=True)
+  step_fn = train.make_train_step(s.method, s.tx, s.lr_schedule, s.mesh, skip_nonfinite=True)
   rng = jax.random.key(0)
   batch = next(s.batches)
   fresh = lambda: jax.tree.map(jnp.copy, s.state)  # noqa: E731  # the step donates its input

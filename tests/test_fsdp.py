@@ -10,7 +10,7 @@ from jax.sharding import PartitionSpec as P
 from test_train import final_params, read_metrics, small_config
 
 from configs import dino_vits16, quickstart
-from sslvl_jax import checkpoint, methods, optim, parallel, sharding, train
+from sslvl_jax import checkpoint, durations, methods, optim, parallel, rngs, sharding, train
 from sslvl_jax.errors import ConfigError
 
 
@@ -86,10 +86,9 @@ def test_rules_first_match_wins_and_misfits_are_replicated():
 # ---- born sharded -----------------------------------------------------------------------------
 
 def _initializer(config, mesh, rules=None):
-  with config.unlocked():
-    config.schedule = {"total_steps": 4, "steps_per_epoch": 1.0}
-  method = methods.get(config.method)(config, mesh)
-  build = lambda p: optim.build(config.optim, p, total_steps=4, global_batch_size=16)  # noqa
+  schedule = durations.Schedule(total_steps=4, steps_per_epoch=1.0, global_batch_size=16)
+  method = methods.get(config.method)(config, mesh, schedule)
+  build = lambda p: optim.build(config.optim, p, schedule)  # noqa: E731
   return method, train.initializer(method, build, jax.random.key(0), mesh, rules)
 
 
@@ -110,7 +109,9 @@ def test_state_is_born_sharded_params_moments_and_teacher():
   _, (make1, _, _, _) = _initializer(quickstart.get_config("smoke"), _mesh(8, 1))
   rep = make1(jax.random.key(0))
   assert not sharding.describe(rep)
-  eager, _ = methods.get(c.method)(c, _mesh(8, 1)).init_model(jax.random.key(0))
+  schedule = durations.Schedule(total_steps=4, steps_per_epoch=1.0, global_batch_size=16)
+  eager, _ = methods.get(c.method)(c, _mesh(8, 1), schedule).init_model(
+      rngs.stream(jax.random.key(0), "params"))
   for a, b in zip(jax.tree.leaves(eager), jax.tree.leaves(rep.params)):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=3e-7, atol=0)
   for a, b in zip(jax.tree.leaves(rep), jax.tree.leaves(state)):

@@ -35,7 +35,7 @@ def test_dino_teacher_starts_as_student_and_follows_the_ema(tmp_path):
   teacher0 = optim.teacher_params(s.state.extras["teacher"]["ema"])
   for a, b in zip(_leaves(teacher0), _leaves(s.state.params)):
     np.testing.assert_array_equal(a, b)
-  step = train.make_train_step(s.method, s.tx, s.schedule, s.mesh)
+  step = train.make_train_step(s.method, s.tx, s.lr_schedule, s.mesh)
   sched = optim.cosine_ramp(s.config.teacher.momentum, 1.0, s.total_steps)
   state, _ = step(s.state, next(s.batches), jax.random.key(0))  # lr is 0 at step 0 (warmup)
   student1 = _leaves(state.params)
@@ -79,7 +79,7 @@ def test_teacher_gets_no_gradient(tmp_path, module):
 def test_dino_teacher_temperature_warms_up_per_epoch(tmp_path):
   s = _setup(dino_vits16.get_config("smoke"), tmp_path)
   cfg = s.config.loss
-  spe = s.config.schedule["steps_per_epoch"]
+  spe = s.schedule.steps_per_epoch
   table = np.linspace(cfg.warmup_teacher_temp, cfg.teacher_temp, cfg.teacher_temp_warmup_epochs)
   for epoch in (0, 1, cfg.teacher_temp_warmup_epochs - 1, cfg.teacher_temp_warmup_epochs + 3):
     for frac in (0.0, 0.7):  # constant within an epoch

@@ -126,6 +126,14 @@ def solarize(images: jax.Array, threshold: float = 0.5) -> jax.Array:
   return jnp.where(images < threshold, images, 1.0 - images)
 
 
+def augment_views(crops: jax.Array, rng: jax.Array, presets: tuple[str, ...], group: int = 0
+                  ) -> list[jax.Array]:
+  """The views (b, n, h, w, 3) of crop group `group` through their photometric presets (view i
+  uses presets[i mod len]), each with its own key; a list of n (b, h, w, 3) float32 arrays."""
+  return [photometric(crops[:, i], jax.random.fold_in(rng, 97 * group + i),
+                      presets[i % len(presets)]) for i in range(crops.shape[1])]
+
+
 def normalize(images: jax.Array, mean: tuple[float, ...], std: tuple[float, ...]) -> jax.Array:
   """Per-channel (x - mean) / std."""
   return (images - jnp.asarray(mean, images.dtype)) / jnp.asarray(std, images.dtype)
@@ -318,3 +326,4 @@ PHOTOMETRIC.add("solo_asym_view2", dataclasses.replace(_SOLO, p_solarize=0.2))
 PHOTOMETRIC.add("solo_sym_strong", PhotometricSpec(0.8, 0.8, 0.8, 0.2, p_jitter=0.8, p_gray=0.2,
                                                    p_blur=0.5, normalize="cifar10"))
 PHOTOMETRIC.add("solo_sym_weak", dataclasses.replace(_MOCOV2, normalize="cifar10"))
+PHOTOMETRIC.add("mean_teacher", PhotometricSpec(0.4, 0.4, 0.4, 0.1, p_jitter=1.0))  # jitter only

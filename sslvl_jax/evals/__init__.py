@@ -14,7 +14,7 @@ from sslvl_jax.evals.zero_shot import (class_text_embeddings, load_classnames, l
                                        zero_shot_scores)
 from sslvl_jax.registry import Registry
 
-EVALUATORS: Registry = Registry("evaluator")
+EVALUATORS: Registry = Registry("evaluator", package=__name__)
 
 __all__ = ["EVALUATORS", "class_text_embeddings", "knn_predict", "linear_probe", "load_classnames",
            "load_templates", "retrieval_recalls", "topk_accuracy", "zero_shot_scores"]

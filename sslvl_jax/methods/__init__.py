@@ -1,13 +1,11 @@
-"""Method registry: `config.method` -> a Method subclass."""
+"""Method registry: `config.method` -> a Method subclass, found in this package's modules."""
 
 from __future__ import annotations
 
 from sslvl_jax.methods.base import Method, StepContext, TrainState
 from sslvl_jax.registry import Registry
 
-METHODS: Registry = Registry("method")
-
-from sslvl_jax.methods import contrastive, image_text, teacher_student  # noqa: E402,F401
+METHODS: Registry = Registry("method", package=__name__)  # one file per method family
 
 
 def get(name: str) -> type[Method]:

@@ -8,14 +8,16 @@ from typing import Any, Callable
 import flax
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 from ml_collections import ConfigDict
 
-from sslvl_jax.data.device_ops import NORMALIZATIONS
+from sslvl_jax import rngs
+from sslvl_jax.data import device_ops
+from sslvl_jax.durations import Schedule
+from sslvl_jax.errors import ConfigError
 
-IMAGENET_MEAN, IMAGENET_STD = NORMALIZATIONS.get("imagenet")
+IMAGENET_MEAN, IMAGENET_STD = device_ops.NORMALIZATIONS.get("imagenet")
 
 
 @flax.struct.dataclass
@@ -39,9 +41,13 @@ class TrainState:
 class StepContext:
   """Per-step inputs a loss may need besides params and batch."""
 
-  rng: jax.Array
+  rng: jax.Array  # the step's key (sslvl_jax.rngs.step_key); draw from `stream`, not from it
   step: jax.Array
   monitor: jax.Array | bool = True  # compute collapse monitors (train.py: only on log steps)
+
+  def stream(self, name: str) -> jax.Array:
+    """This step's key of stream 'augment', 'dropout' or 'method' (sslvl_jax.rngs)."""
+    return rngs.step_stream(self.rng, name)
 
 
 def context(state: TrainState, rng: jax.Array, monitor: jax.Array | bool = True) -> StepContext:
@@ -55,15 +61,17 @@ class Method:
   Subclasses implement `build_model` and either `loss` or the pair `embeddings` + `embedding_loss`
   (a loss of per-example embeddings of the whole batch: the contrastive methods, which then get
   gradient caching with `config.microbatches`, see sslvl_jax.accumulate); they may override
-  `init_extras` (teacher, queues), `after_update` (EMA, clamping), `image_features` /
+  `init_extras` (teacher, queues), `before_step` / `after_update` (EMA, clamping), `image_features` /
   `text_features` (used by evaluators).
   `example` names the host transform (sslvl_jax.data.examples) that produces the method's batches.
+  `schedule` holds the run's step counts (total, per epoch, warm-up), resolved once by train.py.
   """
 
   example: str = "image_text"
+  ROLES: tuple[str, ...] = ("student",)  # the networks it has, for evaluation and export
 
-  def __init__(self, config: ConfigDict, mesh: Mesh):
-    self.config, self.mesh = config, mesh
+  def __init__(self, config: ConfigDict, mesh: Mesh, schedule: Schedule):
+    self.config, self.mesh, self.schedule = config, mesh, schedule
     self.graphdef: nnx.GraphDef | None = None
 
   # ---- to implement -----------------------------------------------------------------------
@@ -96,6 +104,12 @@ class Method:
     """Method state beside the student (teacher EMA state, center, queue)."""
     del params, model_state, rng
     return {}
+
+  def before_step(self, params: Any, extras: Any, step: jax.Array) -> Any:
+    """Runs once per step inside the jitted step, before the loss and its micro-batches, on the
+    params the step differentiates (MoCo's key-encoder EMA); returns the extras the loss sees."""
+    del params, step
+    return extras
 
   def after_update(self, params: Any, extras: Any, step: jax.Array) -> tuple[Any, Any]:
     """Runs after the optimiser step inside the jitted step (EMA update, clamps)."""
@@ -150,11 +164,8 @@ class Method:
     return loss, (metrics, extras)
 
   def normalize(self, images: jax.Array) -> jax.Array:
-    """uint8 (b, h, w, 3) -> float32 normalised with the data config's mean/std."""
-    data = self.config.data
-    mean = np.asarray(data.get("mean", IMAGENET_MEAN), np.float32) * 255.0
-    std = np.asarray(data.get("std", IMAGENET_STD), np.float32) * 255.0
-    return (images.astype(jnp.float32) - mean) / std
+    """uint8 (b, h, w, 3) -> float32 on the 0-1 scale normalised with `image_normalization`."""
+    return device_ops.normalize(images.astype(jnp.float32) / 255.0, *self.image_normalization())
 
   # ---- prediction and export (evaluators, export.py) ---------------------------------------
   def model_graphdef(self) -> nnx.GraphDef:
@@ -169,8 +180,28 @@ class Method:
     self.model_graphdef()
     return self.merge(params, model_state)
 
-  def predict_fns(self) -> dict[str, Callable[[Any, Any, Any, jax.Array], jax.Array]]:
-    """Pure prediction functions fn(params, model_state, extras, batch) -> (b, d) float32, by name.
+  def default_role(self) -> str:
+    """The network evaluators and export use unless told otherwise (`--role`)."""
+    return "student"
+
+  def resolve_role(self, role: str | None) -> str:
+    """`role` checked against ROLES; None: `default_role`."""
+    if role is None:
+      return self.default_role()
+    if role not in self.ROLES:
+      raise ConfigError(f"--role={role}: method {self.config.method!r} has no {role} network "
+                        f"(it has: {', '.join(self.ROLES)})")
+    return role
+
+  def network(self, model: nnx.Module, extras: Any, role: str) -> nnx.Module:
+    """The module of `role` (a resolved one): the student `model` itself here."""
+    del extras, role
+    return model
+
+  def predict_fns(self, role: str | None = None
+                  ) -> dict[str, Callable[[Any, Any, Any, jax.Array], jax.Array]]:
+    """Pure prediction functions fn(params, model_state, extras, batch) -> (b, d) float32, by name,
+    of the network `role` (None: `default_role`).
 
     'image_features': uint8 (b, h, w, 3) images -> features for k-NN / linear probe;
     'image_embed' / 'text_embed': images / token ids -> embeddings of a joint image-text space
@@ -178,18 +209,21 @@ class Method:
     the method, so one jit of a function serves every state (evaluators jit each once).
     Default: `image_features` (and `text_features` as 'text_embed') where a subclass has them.
     """
+    role = self.resolve_role(role)
     fns: dict[str, Callable] = {}
     if type(self).image_features is not Method.image_features:
-      fns["image_features"] = self._predict_fn(self.image_features)
+      fns["image_features"] = self._predict_fn(self.image_features, role)
     if type(self).text_features is not Method.text_features:
-      fns["text_embed"] = self._predict_fn(self.text_features)
+      fns["text_embed"] = self._predict_fn(self.text_features, role)
     return fns
 
-  def _predict_fn(self, fn: Callable[[nnx.Module, Any, jax.Array], jax.Array]
+  def _predict_fn(self, fn: Callable[[nnx.Module, Any, jax.Array], jax.Array], role: str
                   ) -> Callable[[Any, Any, Any, jax.Array], jax.Array]:
-    """fn(model, extras, x) as a pure function of (params, model_state, extras, x), in float32."""
+    """fn(network, extras, x) as a pure function of (params, model_state, extras, x), in float32,
+    the network being `role`'s."""
     def predict(params: Any, model_state: Any, extras: Any, x: jax.Array) -> jax.Array:
-      return fn(self.predict_model(params, model_state), extras, x).astype(jnp.float32)
+      net = self.network(self.predict_model(params, model_state), extras, role)
+      return fn(net, extras, x).astype(jnp.float32)
     predict.__name__ = predict.__qualname__ = fn.__name__
     return predict
 
@@ -211,6 +245,6 @@ class Method:
     """(model_config, encoder module, info) to export: `model_config` ({'name', 'kwargs'})
     rebuilds the module (interop.build_module), which holds only the encoder's variables; `info`
     has 'role' (teacher / student), 'tower' (image / image_text), 'preprocessing' and, for text
-    towers, 'tokenizer', all from the config the method was trained with. `role` None: the
-    network the evaluators use."""
+    towers, 'tokenizer', all from the config the method was trained with. `role` None:
+    `default_role`, the network the evaluators use."""
     raise NotImplementedError(f"{type(self).__name__} has no encoder export")

@@ -87,7 +87,7 @@ class PairLossMethod(TwoViewMethod):
   normalize_embeddings: bool = False
 
   def embeddings(self, model: nnx.Module, extras: Any, batch: dict, ctx: StepContext):
-    z1, z2 = self.embed(model, batch, ctx.rng)
+    z1, z2 = self.embed(model, batch, ctx.stream("augment"))
     if self.normalize_embeddings:
       z1, z2 = l2_normalize(z1), l2_normalize(z2)
     return (z1, z2), extras
@@ -126,26 +126,24 @@ class MomentumContrast(TeacherMixin, TwoViewMethod):
   """Base of MoCo: query encoder (the student) + momentum key encoder (the teacher, an EMA).
 
   The reference updates the key encoder BEFORE computing the keys, with the current query params.
-  Here that EMA step runs inside the loss, on the (stop-gradient) params the step differentiates,
-  so step t uses k_t = m_t k_{t-1} + (1 - m_t) q_t with m_t the schedule at iteration t, exactly as
-  the reference (at t = 0 the teacher is a copy, so the first step changes nothing). Doing it in
+  Here that EMA step is `before_step` (ema_before_loss), on the params the step differentiates,
+  once per step however many micro-batches there are, so step t uses
+  k_t = m_t k_{t-1} + (1 - m_t) q_t with m_t the schedule at iteration t, exactly as the reference
+  (at t = 0 the teacher is a copy, so the first step changes nothing). Doing it in
   `after_update` of the previous step would be the same update, but shifts the schedule index by
-  one and skips the no-op step 0; in the loss it needs no bookkeeping. The EMA covers the whole
-  student tree; MoCo v3's teacher copy of the predictor is never used.
+  one and skips the no-op step 0. The EMA covers the whole student tree; MoCo v3's teacher copy
+  of the predictor is never used.
   """
 
-  def init_extras(self, params: Any, model_state: Any, rng: jax.Array) -> Any:
-    return {"teacher": self.init_teacher(params, model_state, rng)}
+  ema_before_loss = True
 
-  def key_encoder(self, model: nnx.Module, extras: Any) -> tuple[nnx.Module, dict]:
-    """(key network after this step's EMA update towards `model`, the updated teacher state)."""
-    params = jax.lax.stop_gradient(nnx.split(model, nnx.Param, ...)[1])
-    teacher = self.update_teacher(params, extras["teacher"])
-    return self.teacher_model(teacher), teacher
+  def key_encoder(self, extras: Any) -> nnx.Module:
+    """The key network (the teacher after this step's EMA update, `before_step`)."""
+    return self.teacher_model(extras["teacher"])
 
-  def with_teacher(self, extras: Any, key_net: nnx.Module, teacher: dict) -> Any:
-    """Extras holding the updated teacher and the key network's new BN statistics."""
-    return {**extras, "teacher": {**teacher, "state": run_state(key_net)}}
+  def with_teacher(self, extras: Any, key_net: nnx.Module) -> Any:
+    """Extras holding the key network's new BN statistics."""
+    return {**extras, "teacher": {**extras["teacher"], "state": run_state(key_net)}}
 
   def monitors(self, queries: jax.Array, extras: Any, ctx: StepContext) -> dict[str, jax.Array]:
     """Collapse monitors of the queries and the teacher momentum."""
@@ -188,15 +186,14 @@ class MocoV2(MomentumContrast):
 
   def embeddings(self, model: nnx.Module, extras: Any, batch: dict, ctx: StepContext):
     """(queries, stop-gradient keys), both L2-normalised; extras with the updated teacher."""
-    k_aug, k_shuffle = jax.random.split(ctx.rng)
-    v1, v2 = self.views(batch, 0, k_aug)
+    v1, v2 = self.views(batch, 0, ctx.stream("augment"))
     groups = self.bn_groups(v1.shape[0])
     q = l2_normalize(encode(model, v1, self.heads, groups))
-    key_net, teacher = self.key_encoder(model, extras)
+    key_net = self.key_encoder(extras)
     key_fn = functools.partial(encode, key_net, heads=self.heads, bn_groups=groups)
     k = key_fn(v2) if not self.config.model.get("shuffle_bn", True) else shuffled(
-        key_fn, v2, k_shuffle, self.mesh)
-    return (q, jax.lax.stop_gradient(l2_normalize(k))), self.with_teacher(extras, key_net, teacher)
+        key_fn, v2, ctx.stream("method"), self.mesh)
+    return (q, jax.lax.stop_gradient(l2_normalize(k))), self.with_teacher(extras, key_net)
 
   def embedding_loss(self, model: nnx.Module, extras: Any, emb: Any, batch: dict,
                      ctx: StepContext):
@@ -219,11 +216,11 @@ class MocoV3(MomentumContrast):
 
   def embeddings(self, model: nnx.Module, extras: Any, batch: dict, ctx: StepContext):
     """(q1, q2, k1, k2): raw queries and stop-gradient keys; extras with the updated teacher."""
-    views = self.views(batch, 0, ctx.rng)
+    views = self.views(batch, 0, ctx.stream("augment"))
     q1, q2 = encode_views(model, views, self.heads)
-    key_net, teacher = self.key_encoder(model, extras)
+    key_net = self.key_encoder(extras)
     k1, k2 = (jax.lax.stop_gradient(k) for k in encode_views(key_net, views, ("projector",)))
-    return (q1, q2, k1, k2), self.with_teacher(extras, key_net, teacher)
+    return (q1, q2, k1, k2), self.with_teacher(extras, key_net)
 
   def embedding_loss(self, model: nnx.Module, extras: Any, emb: Any, batch: dict,
                      ctx: StepContext):

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import math
 from typing import Any
@@ -61,9 +60,9 @@ class ImageText(Method):
   def embeddings(self, model: nnx.Module, extras: Any, batch: dict, ctx: StepContext
                  ) -> tuple[tuple[jax.Array, jax.Array], Any]:
     """L2-normalised (image, text) embeddings of a batch."""
-    r1, r2 = jax.random.split(ctx.rng)
-    return (model.encode_image(self.normalize(batch["image"]), rng=r1),
-            model.encode_text(batch["tokens"], rng=r2)), extras
+    drop = ctx.stream("dropout")
+    return (model.encode_image(self.normalize(batch["image"]), rng=jax.random.fold_in(drop, 0)),
+            model.encode_text(batch["tokens"], rng=jax.random.fold_in(drop, 1))), extras
 
   def sharded_loss(self, fn: Any, *specs: Any) -> Any:
     """`fn` (a losses.* function) over the global batch, with the config's loss.chunk_size."""
@@ -77,19 +76,19 @@ class ImageText(Method):
   def text_features(self, model: nnx.Module, extras: Any, tokens: jax.Array) -> jax.Array:
     return model.encode_text(tokens)
 
-  def predict_fns(self) -> dict[str, Any]:
+  def predict_fns(self, role: str | None = None) -> dict[str, Any]:
     """'image_features' (k-NN / probe) and 'image_embed' are the L2-normalised image embedding,
-    'text_embed' the text one."""
-    image = self._predict_fn(self.image_features)
+    'text_embed' the text one (of the only network, the student)."""
+    role = self.resolve_role(role)
+    image = self._predict_fn(self.image_features, role)
     return {"image_features": image, "image_embed": image,
-            "text_embed": self._predict_fn(self.text_features)}
+            "text_embed": self._predict_fn(self.text_features, role)}
 
   def export_encoder(self, params: Any, model_state: Any, extras: Any, *,
                      role: str | None = None) -> tuple[dict, nnx.Module, dict]:
     """The two towers of `model_config` (the student: there is no teacher); what a subclass adds
     for its loss only (SLIP's SimCLR head) is left out."""
-    if role not in (None, "student"):
-      raise ConfigError(f"method {self.config.method!r} has no teacher; use --role=student")
+    role = self.resolve_role(role)
     net = self.predict_model(params, model_state)
     config = self.model_config()
     towers = nnx.eval_shape(lambda k: interop.build_module(config, nnx.Rngs(params=k)),
@@ -131,8 +130,8 @@ class Clip(ImageText):
 class SigLip(ImageText):
   """SigLIP: pairwise sigmoid loss, text chunks passed around the device ring."""
 
-  def __init__(self, config: Any, mesh: Any):
-    super().__init__(config, mesh)
+  def __init__(self, config: Any, mesh: Any, schedule: Any):
+    super().__init__(config, mesh, schedule)
     chunk, local = config.loss.get("chunk_size", 0), config.global_batch_size // mesh.devices.size
     if chunk and chunk < local and local % chunk:  # blocks are cut into (local, chunk) pieces
       raise ConfigError(f"loss.chunk_size={chunk} does not divide the {local} examples per device "
@@ -162,13 +161,13 @@ class Slip(Clip):
   def embeddings(self, model: nnx.Module, extras: Any, batch: dict, ctx: StepContext
                  ) -> tuple[tuple[jax.Array, ...], Any]:
     """(image, text, view-1 projection, view-2 projection), all L2-normalised."""
-    k_clip, k_aug, k1, k2 = jax.random.split(ctx.rng, 4)
-    (img, txt), extras = super().embeddings(model, extras, batch, dataclasses.replace(ctx, rng=k_clip))
-    views = batch["views0"]
-    preset = self.config.augment.views0[0]
-    z = [models.l2_normalize(model.ssl_head(
-        model.image(device_ops.photometric(views[:, i], jax.random.fold_in(k_aug, i), preset),
-                    train=True, rng=r)["pooled"], train=True)) for i, r in ((0, k1), (1, k2))]
+    (img, txt), extras = super().embeddings(model, extras, batch, ctx)
+    views = device_ops.augment_views(batch["views0"], ctx.stream("augment"),
+                                     tuple(self.config.augment.views0))
+    drop = ctx.stream("dropout")  # keys 0 and 1 are the CLIP towers'
+    z = [models.l2_normalize(model.ssl_head(model.image(
+        v, train=True, rng=jax.random.fold_in(drop, 2 + i))["pooled"], train=True))
+         for i, v in enumerate(views)]
     return (img, txt, *z), extras
 
   def embedding_loss(self, model: nnx.Module, extras: Any, emb: Any, batch: dict,

@@ -78,32 +78,21 @@ class SSLMethod(Method):
 
   def views(self, batch: dict, group: int, rng: jax.Array) -> list[jax.Array]:
     """The augmented, normalised views of crop group `group`, each (b, h, w, 3) float32."""
-    crops = batch[f"views{group}"]
-    presets = tuple(self.config.augment[f"views{group}"])
-    return [device_ops.photometric(crops[:, i], jax.random.fold_in(rng, 97 * group + i),
-                                   presets[i % len(presets)]) for i in range(crops.shape[1])]
-
-  def normalize(self, images: jax.Array) -> jax.Array:
-    """Evaluation input scaling: the normalisation the training views get (first view's preset)."""
-    spec = device_ops.PHOTOMETRIC.get(tuple(self.config.augment.views0)[0])
-    x = images.astype(jnp.float32) / 255.0
-    return x if spec.normalize is None else device_ops.normalize(
-        x, *device_ops.NORMALIZATIONS.get(spec.normalize))
+    return device_ops.augment_views(batch[f"views{group}"], rng,
+                                    tuple(self.config.augment[f"views{group}"]), group)
 
   def image_features(self, model: nnx.Module, extras: Any, images: jax.Array) -> jax.Array:
-    return self.eval_model(model, extras).features(self.normalize(images), train=False)
-
-  def eval_model(self, model: nnx.Module, extras: Any) -> nnx.Module:
-    """The network evaluated by k-NN / linear probe (the student unless a teacher is chosen)."""
+    """Pooled backbone features of `model` (the student, or the teacher: `network`)."""
     del extras
-    return model
+    return model.features(self.normalize(images), train=False)
 
-  def predict_fns(self) -> dict[str, Callable]:
-    """'image_features': pooled backbone features of `eval_model` (teacher or student)."""
-    return {"image_features": self._predict_fn(self.image_features)}
+  def predict_fns(self, role: str | None = None) -> dict[str, Callable]:
+    """'image_features': pooled backbone features of the network `role` (teacher or student)."""
+    return {"image_features": self._predict_fn(self.image_features, self.resolve_role(role))}
 
   def image_normalization(self) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    """(mean, std) of the first view's preset, as `normalize`; (0, 1) for [0, 1] inputs."""
+    """(mean, std) of the first view's preset (what the training views get); (0, 1) for [0, 1]
+    inputs. `normalize` (evaluation input scaling) applies it."""
     spec = device_ops.PHOTOMETRIC.get(tuple(self.config.augment.views0)[0])
     if spec.normalize is None:
       return (0.0, 0.0, 0.0), (1.0, 1.0, 1.0)
@@ -113,18 +102,9 @@ class SSLMethod(Method):
   def export_encoder(self, params: Any, model_state: Any, extras: Any, *,
                      role: str | None = None) -> tuple[dict, nnx.Module, dict]:
     """The backbone (heads are training-only) of the teacher or student: by default the one
-    `eval_model` evaluates."""
-    student = self.predict_model(params, model_state)
-    has_teacher = isinstance(self, TeacherMixin) and "teacher" in (extras or {})
-    if role is None:
-      net = self.eval_model(student, extras)
-      role = "student" if net is student else "teacher"
-    elif role == "teacher":
-      if not has_teacher:
-        raise ConfigError(f"method {self.config.method!r} has no teacher; use --role=student")
-      net = self.teacher_model(extras["teacher"])
-    else:
-      net = student
+    the evaluators use (`default_role`)."""
+    role = self.resolve_role(role)
+    net = self.network(self.predict_model(params, model_state), extras, role)
     return (self.backbone_config(), net.backbone,
             {"role": role, "tower": "image", "preprocessing": self.image_preprocessing()})
 
@@ -151,7 +131,9 @@ def collapse_monitors(z: jax.Array, monitor: jax.Array | bool = True) -> dict[st
 
 
 class TeacherMixin:
-  """A teacher kept as an optax EMA state of the student params (optim.teacher_ema).
+  """A teacher kept as an optax EMA state of the student params (optim.teacher_ema), in
+  extras['teacher']; one EMA step per training step, after the optimiser update (BYOL, DINO) or,
+  with `ema_before_loss`, before the loss on the params the step differentiates (MoCo).
 
   config.teacher: momentum (start, cosine to `momentum_end` over training), init ('copy' or
   'independent': BYOL's reference draws the target with another seed), eval_on_teacher.
@@ -159,11 +141,36 @@ class TeacherMixin:
 
   config: Any
   graphdef: Any
+  ema_before_loss: bool = False
+  ROLES = ("teacher", "student")
+
+  def default_role(self) -> str:
+    """'teacher' unless config.teacher.eval_on_teacher is False (each recipe declares it)."""
+    return "teacher" if self.config.teacher.get("eval_on_teacher", True) else "student"
+
+  def network(self, model: nnx.Module, extras: Any, role: str) -> nnx.Module:
+    """The teacher of `extras` for role 'teacher', else the student `model`."""
+    return self.teacher_model(extras["teacher"]) if role == "teacher" else model
+
+  def init_extras(self, params: Any, model_state: Any, rng: jax.Array) -> Any:
+    return {"teacher": self.init_teacher(params, model_state, rng)}
+
+  def before_step(self, params: Any, extras: Any, step: jax.Array) -> Any:
+    del step
+    return self.with_ema_step(params, extras) if self.ema_before_loss else extras
+
+  def after_update(self, params: Any, extras: Any, step: jax.Array) -> tuple[Any, Any]:
+    del step
+    return params, extras if self.ema_before_loss else self.with_ema_step(params, extras)
+
+  def with_ema_step(self, params: Any, extras: Any) -> Any:
+    """`extras` with the teacher one EMA step towards `params`."""
+    return {**extras, "teacher": self.update_teacher(params, extras["teacher"])}
 
   def ema(self) -> Any:
     """The EMA transformation with its momentum schedule."""
     cfg = self.config.teacher
-    total = self.config.schedule["total_steps"]
+    total = self.schedule.total_steps
     return optim.teacher_ema(optim.cosine_ramp(cfg.momentum, cfg.get("momentum_end", 1.0), total))
 
   def init_teacher(self, params: Any, model_state: Any, rng: jax.Array) -> dict:

@@ -21,17 +21,20 @@ def run_state(module: nnx.Module) -> Any:
   return nnx.split(module, nnx.Param, ...)[2]
 
 
+def project_predict(model: nnx.Module, views: list[jax.Array]
+                    ) -> tuple[list[jax.Array], list[jax.Array]]:
+  """(projections, predictions) of each view: backbone -> projector -> predictor, train mode."""
+  z = [model.projector(model.features(v, train=True), train=True) for v in views]
+  return z, [model.predictor(x, train=True) for x in z]
+
+
 @METHODS.register("byol")
 class Byol(TeacherMixin, SSLMethod):
   """BYOL: online predictor regresses the EMA target's projection of the other view (2 - 2cos, summed)."""
 
-  def init_extras(self, params: Any, model_state: Any, rng: jax.Array) -> Any:
-    return {"teacher": self.init_teacher(params, model_state, rng)}
-
   def loss(self, model: nnx.Module, extras: Any, batch: dict, ctx: StepContext):
-    v1, v2 = self.views(batch, 0, ctx.rng)
-    z1, z2 = (model.projector(model.features(v, train=True), train=True) for v in (v1, v2))
-    p1, p2 = model.predictor(z1, train=True), model.predictor(z2, train=True)
+    v1, v2 = self.views(batch, 0, ctx.stream("augment"))
+    (z1, _), (p1, p2) = project_predict(model, [v1, v2])
     target = self.teacher_model(extras["teacher"])  # train-mode BN with its own statistics
     t1, t2 = (jax.lax.stop_gradient(target.projector(target.features(v, train=True), train=True))
               for v in (v1, v2))
@@ -40,18 +43,13 @@ class Byol(TeacherMixin, SSLMethod):
     m = {**collapse_monitors(z1, ctx.monitor), "teacher_momentum": self.teacher_momentum(teacher)}
     return loss, m, {**extras, "teacher": teacher}
 
-  def after_update(self, params: Any, extras: Any, step: jax.Array):
-    return params, {**extras, "teacher": self.update_teacher(params, extras["teacher"])}
-
 
 @METHODS.register("simsiam")
 class SimSiam(SSLMethod):
   """SimSiam: predictor vs stop-gradient projection of the other view, no teacher (averaged)."""
 
   def loss(self, model: nnx.Module, extras: Any, batch: dict, ctx: StepContext):
-    v1, v2 = self.views(batch, 0, ctx.rng)
-    z1, z2 = (model.projector(model.features(v, train=True), train=True) for v in (v1, v2))
-    p1, p2 = model.predictor(z1, train=True), model.predictor(z2, train=True)
+    (z1, z2), (p1, p2) = project_predict(model, self.views(batch, 0, ctx.stream("augment")))
     fn = lambda *a, axis_name: losses.simsiam_loss(  # noqa: E731
         *a, axis_name=axis_name, stop_gradient=self.config.loss.get("stop_gradient", True))
     loss = global_batch(fn, self.mesh, DATA, DATA, DATA, DATA)(p1, p2, z1, z2)
@@ -64,7 +62,7 @@ class Dino(TeacherMixin, SSLMethod):
 
   def init_extras(self, params: Any, model_state: Any, rng: jax.Array) -> Any:
     out_dim = self.config.model.heads.head.out_dim
-    return {"teacher": self.init_teacher(params, model_state, rng),
+    return {**super().init_extras(params, model_state, rng),
             "center": jnp.zeros((1, out_dim), jnp.float32)}
 
   def teacher_temp(self, step: jax.Array) -> jax.Array:
@@ -74,7 +72,7 @@ class Dino(TeacherMixin, SSLMethod):
     if warm <= 0:
       return jnp.float32(cfg.teacher_temp)
     table = jnp.asarray(np.linspace(cfg.warmup_teacher_temp, cfg.teacher_temp, warm), jnp.float32)
-    epoch = jnp.floor(step / self.config.schedule["steps_per_epoch"]).astype(jnp.int32)
+    epoch = jnp.floor(step / self.schedule.steps_per_epoch).astype(jnp.int32)
     return jnp.where(epoch < warm, table[jnp.minimum(epoch, warm - 1)], cfg.teacher_temp)
 
   def logits(self, model: nnx.Module, groups: list[list[jax.Array]], train: bool,
@@ -90,7 +88,7 @@ class Dino(TeacherMixin, SSLMethod):
     return model.head(feats.reshape(n * b, d), train=train).astype(jnp.float32).reshape(n, b, -1)
 
   def loss(self, model: nnx.Module, extras: Any, batch: dict, ctx: StepContext):
-    k_aug, k_drop = jax.random.split(ctx.rng)
+    k_aug, k_drop = ctx.stream("augment"), ctx.stream("dropout")
     globals_ = self.views(batch, 0, k_aug)
     groups = [globals_] + [self.views(batch, g, k_aug) for g in range(1, self.num_groups(batch))]
     student = self.logits(model, groups, True, k_drop)
@@ -116,10 +114,3 @@ class Dino(TeacherMixin, SSLMethod):
   def num_groups(batch: dict) -> int:
     """Number of crop-size groups in the batch (views0, views1, ...)."""
     return sum(1 for k in batch if k.startswith("views"))
-
-  def after_update(self, params: Any, extras: Any, step: jax.Array):
-    return params, {**extras, "teacher": self.update_teacher(params, extras["teacher"])}
-
-  def eval_model(self, model: nnx.Module, extras: Any) -> nnx.Module:
-    return self.teacher_model(extras["teacher"]) if self.config.teacher.get(
-        "eval_on_teacher", True) else model

@@ -17,7 +17,7 @@ from sslvl_jax.models.vit import ViT
 from sslvl_jax.errors import ConfigError
 from sslvl_jax.registry import Registry
 
-MODELS: Registry = Registry("model")
+MODELS: Registry = Registry("model", package=__name__)
 
 _VIT_SIZES = {  # width, depth, heads
     "tiny": (192, 12, 3), "s": (384, 12, 6), "b": (768, 12, 12), "l": (1024, 24, 16),
