@@ -148,5 +148,5 @@ def test_quickstart_smoke_runs_with_zero_shot(tmp_path):
   assert r.returncode == 0, r.stderr[-3000:]
   rows = read_metrics(str(tmp_path))
   assert any("zero_shot/top1" in row for row in rows)
-  assert os.path.exists(os.path.join(tmp_path, "evals", "zero_shot_4.json"))
+  assert any(f.startswith("zero_shot_4_") for f in os.listdir(os.path.join(tmp_path, "evals")))
   assert os.path.isdir(os.path.join(tmp_path, "tensorboard"))

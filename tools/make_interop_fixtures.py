@@ -107,7 +107,7 @@ def make_clip(name: str, spec: dict, out: str, gen: torch.Generator, rng: np.ran
   np.savez(os.path.join(out, f"{name}.npz"), images=images, tokens=tokens.astype(np.int32),
            image_features=img.numpy(), text_features=txt.numpy(), act=act, **heads)
 
-  ours = interop.clip_from_torch(sd, act=act, **heads)
+  ours = interop.clip_from_torch(sd, source="open_clip", act=act, **heads)
   np.testing.assert_allclose(np.asarray(ours.encode_image(images_for_jax(x))),
                              torch.nn.functional.normalize(img, dim=-1).numpy(), atol=1e-5)
   back = open_clip.CLIP(embed_dim=spec["embed_dim"], vision_cfg=spec["vision"],
@@ -149,7 +149,7 @@ def check_torch_loading(model: nn.Module, sd: dict, x: torch.Tensor, tokens: np.
     assert set(sd) <= set(jit_sd) and extra <= set(clip_interop.IGNORED_KEYS), extra
     for k, v in sd.items():
       np.testing.assert_array_equal(jit_sd[k], v)
-    interop.clip_from_torch(jit_sd, **heads)  # the traced buffers are ignored
+    interop.clip_from_torch(jit_sd, source="openai", **heads)  # the traced buffers are ignored
 
 
 def attention_hook(store: dict):

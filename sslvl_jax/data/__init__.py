@@ -17,7 +17,7 @@ from sslvl_jax.data.streaming import make_streaming_dataset
 from sslvl_jax.data.tokenizer import TokenizerSpec
 from sslvl_jax.registry import Registry
 
-SOURCES: Registry = Registry("data source")
+SOURCES: Registry = Registry("data source", package=__name__)
 
 
 def split_location(cfg: ConfigDict, split: str) -> str:
@@ -44,7 +44,8 @@ def _csv(cfg: ConfigDict, split: str) -> sources.CaptionTable:
   return sources.CaptionTable(split_location(cfg, split),
                               image_column=cfg.get("image_column", "filepath"),
                               caption_column=cfg.get("caption_column", "title"),
-                              root=cfg.get("image_root"), label_column=cfg.get("label_column"))
+                              root=cfg.get("image_root"), label_column=cfg.get("label_column"),
+                              delimiter=cfg.get("delimiter"))
 
 
 @SOURCES.register("webdataset")
@@ -78,7 +79,8 @@ def source(cfg: ConfigDict, split: str) -> Any:
   return SOURCES.get(cfg.name)(cfg, split)
 
 
-EXAMPLE_OPTIONS = ("train_crop_scale", "eval_resize_ratio", "crops", "crop_groups")
+EXAMPLE_OPTIONS = ("train_crop_scale", "eval_resize_ratio", "crops", "crop_groups",
+                   "labelled_fraction", "labelled_seed")
 
 
 def train_split(cfg: ConfigDict) -> tuple[Any, int]:

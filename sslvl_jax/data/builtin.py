@@ -75,6 +75,8 @@ def tokenizer_corpus() -> list[str]:
 class DigitsSource:
   """Random-access source of {'image', 'text', 'label', 'key'} records for grain."""
 
+  labelled, num_classes = True, len(CLASSNAMES)
+
   def __init__(self, split: str = "train", image_size: int = 32, captions: bool = True):
     self.images, self.labels = digits(split)
     self.image_size, self.captions, self.split = image_size, captions, split

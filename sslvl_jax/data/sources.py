@@ -3,6 +3,10 @@
 Sources only read (TFDS alone decodes, inside tfds); decoding and transforms happen in the host
 transform. Any exception while reading or transforming a record makes it skipped and counted
 (pipeline.ReadExample). All sources are picklable, for grain's worker processes.
+
+What a source knows of its labels without reading its records, for the evaluators' checks:
+`labelled` (False: its records have no label; absent: they may) and `num_classes` (the number of
+classes its labels index; absent: not known until read); an image folder also has `classes`.
 """
 
 from __future__ import annotations
@@ -81,8 +85,12 @@ def _read(path: str) -> bytes:
 class ImageFolder:
   """root/<class>/**/<image> (torchvision ImageFolder): labels index the sorted class folders.
 
-  Hidden folders ('.ipynb_checkpoints', ...) are skipped, as classes and inside classes.
+  Label i is the i-th class folder name in Python's sorted order (by code point, as torchvision:
+  'B' < 'a', '10' < '2'); `classes` lists them. Hidden folders ('.ipynb_checkpoints', ...) are
+  skipped, as classes and inside classes.
   """
+
+  labelled = True
 
   def __init__(self, root: str):
     root = os.path.expanduser(root)
@@ -97,6 +105,7 @@ class ImageFolder:
     if not self.items:
       raise ConfigError(f"image folder {root!r} has no images with extensions {IMAGE_EXTENSIONS}")
     self.root = root
+    self.num_classes = len(self.classes)
 
   def __len__(self) -> int:
     return len(self.items)
@@ -127,28 +136,65 @@ def _images_under(root: str, folder: str) -> list[str]:
   return out
 
 
+DELIMITER_NAMES = {"tab": "\t", "\\t": "\t", "comma": ",", "semicolon": ";", "pipe": "|"}
+
+
+def table_delimiter(path: str, header: str, delimiter: str | None = None) -> str:
+  """`delimiter` (one character, or tab / comma / semicolon / pipe / '\\t'); unset: a tab for
+  .tsv/.tab files, else what csv.Sniffer finds in the header line among , tab ; | (',' if none)."""
+  if delimiter:
+    delimiter = DELIMITER_NAMES.get(delimiter, delimiter)
+    if len(delimiter) != 1:
+      raise ConfigError(f"data.delimiter={delimiter!r}: give one character, or one of "
+                        f"{', '.join(DELIMITER_NAMES)}")
+    return delimiter
+  if path.lower().endswith((".tsv", ".tab")):
+    return "\t"
+  try:
+    return csv.Sniffer().sniff(header, delimiters=",\t;|").delimiter
+  except csv.Error:  # one column, or nothing to tell them apart
+    return ","
+
+
+def read_table(path: str, delimiter: str | None = None) -> tuple[list[str], list[dict]]:
+  """(column names, rows as dicts) of a CSV/TSV file, local or gs://; see `table_delimiter`."""
+  try:
+    text = epath.Path(path).read_bytes().decode("utf-8-sig")  # -sig: spreadsheets add a BOM
+  except (OSError, UnicodeDecodeError) as e:
+    raise ConfigError(f"cannot read table {path}: {getattr(e, 'strerror', None) or e}") from e
+  delim = table_delimiter(path, text.partition("\n")[0], delimiter)
+  reader = csv.DictReader(io.StringIO(text, newline=""), delimiter=delim)
+  return list(reader.fieldnames or []), list(reader)
+
+
+def require_columns(path: str, columns: list[str], wanted: Iterable[str], fix: str) -> None:
+  """ConfigError naming the first of `wanted` that is not among `columns`, and `fix`."""
+  for c in wanted:
+    if c not in columns:
+      raise ConfigError(f"{path} has no column {c!r} (columns: {columns}); {fix}")
+
+
 class CaptionTable:
   """open_clip-style CSV/TSV: image-path and caption columns (paths relative to `root`).
 
-  The delimiter is a tab for .tsv/.tab files, else a comma. A row with an empty caption is
-  unreadable (EmptyCaptionError), so it is skipped and counted like a missing image.
+  The delimiter is `delimiter` if set, a tab for .tsv/.tab files, else sniffed from the header
+  line (`table_delimiter`). A row with an empty caption is unreadable (EmptyCaptionError), so it
+  is skipped and counted like a missing image.
   """
 
   def __init__(self, path: str, *, image_column: str = "filepath", caption_column: str = "title",
-               root: str | None = None, label_column: str | None = None):
+               root: str | None = None, label_column: str | None = None,
+               delimiter: str | None = None):
     path = os.path.expanduser(path)
     if not epath.Path(path).is_file():
       raise ConfigError(f"caption table {path!r} does not exist; check data.splits")
-    delim = "\t" if path.endswith((".tsv", ".tab")) else ","
-    text = epath.Path(path).read_bytes().decode("utf-8-sig")  # -sig: spreadsheets add a BOM
-    reader = csv.DictReader(io.StringIO(text, newline=""), delimiter=delim)
-    cols = reader.fieldnames or []
-    for c in (image_column, caption_column) + ((label_column,) if label_column else ()):
-      if c not in cols:
-        raise ConfigError(f"{path} has no column {c!r} (columns: {cols}); set "
-                          "data.image_column / data.caption_column")
+    cols, reader = read_table(path, delimiter)
+    wanted = (image_column, caption_column, *([label_column] if label_column else []))
+    require_columns(path, cols, wanted, "set data.image_column / data.caption_column / "
+                    "data.label_column, or data.delimiter if the columns ran together")
     rows = [(r[image_column], r[caption_column], r[label_column] if label_column else None)
             for r in reader]
+    self.labelled = bool(label_column)
     self.root = os.path.expanduser(root) if root else os.fspath(absolute(path).parent)
     self.paths = [p for p, _, _ in rows]
     self.captions = [c for _, c, _ in rows]
@@ -199,6 +245,7 @@ class TarShards:
       self.index.extend((si, key, members) for key, members in self._scan(shard))
     if not self.index:
       raise ConfigError(f"no samples with an image member in {shards!r}")
+    self.labelled = any(label_ext in members for _, _, members in self.index)
 
   def _scan(self, shard: str) -> list[tuple[str, dict[str, tuple[int, int]]]]:
     with epath.Path(shard).open("rb") as f:

@@ -4,39 +4,51 @@
       --out=tok --vocab_size=32000
   python -m sslvl_jax.data.train_tokenizer --builtin=digits --out=sslvl_jax/data/assets/digits_sp
 
-`--captions` takes plain text files (one caption per line) or CSV/TSV files with `:COLUMN`.
+`--captions` takes plain text files (one caption per line, local or gs://) or CSV/TSV files with
+`:COLUMN`; the delimiter is --delimiter, else a tab for .tsv, else sniffed from the header line.
 """
 
 from __future__ import annotations
 
-import csv
+import os
 
 from absl import flags
+from etils import epath
 
 from sslvl_jax import cli
 from sslvl_jax.errors import ConfigError
-from sslvl_jax.data import builtin
+from sslvl_jax.data import builtin, sources
 from sslvl_jax.data.tokenizer import train_sentencepiece
 
 _CAPTIONS = flags.DEFINE_multi_string("captions", [], "caption files (txt, or csv/tsv:COLUMN)")
+_DELIMITER = flags.DEFINE_string("delimiter", None, "CSV/TSV delimiter (default: sniffed)")
 _BUILTIN = flags.DEFINE_enum("builtin", None, ["digits"], "train on a built-in caption set")
 _OUT = flags.DEFINE_string("out", None, "output prefix (writes PREFIX.model and PREFIX.vocab)")
 _VOCAB = flags.DEFINE_integer("vocab_size", 32000, "vocabulary size (a maximum on small corpora)")
 _TYPE = flags.DEFINE_enum("model_type", "bpe", ["unigram", "bpe"], "SentencePiece algorithm")
 BUILTIN_VOCAB = 128
+TABLES = (".csv", ".tsv", ".tab")
 
 
-def read_captions(spec: str) -> list[str]:
+def read_captions(spec: str, delimiter: str | None = None) -> list[str]:
   """Captions from 'file.txt' (one per line) or 'file.csv:column' / 'file.tsv:column'."""
-  path, _, column = spec.partition(":")
+  head, _, column = spec.rpartition(":")
+  path, column = (head, column) if head.lower().endswith(TABLES) else (spec, "")
+  path = os.path.expanduser(path)
   if not column:
-    with open(path, encoding="utf-8") as f:
-      return [line.strip() for line in f if line.strip()]
-  with open(path, encoding="utf-8", newline="") as f:
-    reader = csv.DictReader(f, delimiter="\t" if path.endswith(".tsv") else ",")
-    if column not in (reader.fieldnames or []):
-      raise KeyError(f"{path} has no column {column!r}; columns: {reader.fieldnames}")
-    return [row[column].strip() for row in reader if row[column].strip()]
+    if path.lower().endswith(TABLES):
+      raise ConfigError(f"--captions={spec}: name the caption column, --captions={spec}:COLUMN "
+                        f"(columns: {sources.read_table(path, delimiter)[0]})")
+    try:
+      lines = epath.Path(path).read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+      raise ConfigError(f"--captions={spec}: cannot read {path}: "
+                        f"{getattr(e, 'strerror', None) or e}") from e
+    return [line.strip() for line in lines if line.strip()]
+  columns, rows = sources.read_table(path, delimiter)
+  sources.require_columns(path, columns, (column,), f"give --captions={path}:COLUMN with one of "
+                          "them, or --delimiter if the columns ran together")
+  return [(row[column] or "").strip() for row in rows if (row[column] or "").strip()]
 
 
 def main(argv: list[str]) -> None:
@@ -46,7 +58,7 @@ def main(argv: list[str]) -> None:
   if _BUILTIN.value:
     texts, vocab = [t.lower() for t in builtin.tokenizer_corpus()], BUILTIN_VOCAB
   else:
-    texts = [t.lower() for spec in _CAPTIONS.value for t in read_captions(spec)]
+    texts = [t.lower() for spec in _CAPTIONS.value for t in read_captions(spec, _DELIMITER.value)]
     vocab = _VOCAB.value
   if not texts:
     raise ConfigError("no captions: pass --captions=FILE or --builtin=digits")

@@ -14,7 +14,9 @@ again. Its data config is the eval's `data` over the training data config it is 
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 from typing import Any, Callable, TypeVar
 
 import jax
@@ -29,7 +31,9 @@ from sslvl_jax.errors import ConfigError, RunError
 from sslvl_jax.evals import EVALUATORS, knn, linear_probe, retrieval_recalls, zero_shot
 
 T = TypeVar("T")
-COMMON = ("type", "every_steps", "batch_size", "data")  # settings of every evaluator
+# settings of every evaluator; the interval every_<unit> is resolved by the run's Schedule
+COMMON = ("type", "every_steps", "every_epochs", "every_examples", "every_percent", "batch_size",
+          "data")
 TRAIN_TEST = {"train_split": "train", "test_split": "test"}
 
 
@@ -120,11 +124,6 @@ class Evaluator:
                          f"{len(self.sources[key])} records are unreadable (each is logged above)")
     self.skipped += len(self.sources[key]) - rows
 
-  def due(self, step: int, total_steps: int) -> bool:
-    """Run every `every_steps` and at the last step."""
-    every = self.cfg.get("every_steps")
-    return step == total_steps or bool(every and step % every == 0)
-
   def features(self, params: Any, model_state: Any, extras: Any, key: str
                ) -> tuple[np.ndarray, np.ndarray]:
     """(features, labels) of the readable examples of split setting `key`, sharded over the mesh.
@@ -181,12 +180,20 @@ def gather(x: Any) -> np.ndarray:
   return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
 
-@EVALUATORS.register("zero_shot")
 class ZeroShot(Evaluator):
-  """Zero-shot classification: prompt-ensembled class embeddings vs image embeddings."""
+  """Zero-shot classification on one split: prompt-ensembled class embeddings vs image embeddings.
+
+  Label i of the split is class name i. `classnames` and `templates` are each a list, a file
+  (one per line) or a shipped set; left unset, the classes of an image folder are its folder
+  names made readable ('ankle_boot' -> 'ankle boot') in its label order (sorted folder names).
+  With `class_subset` (indices into `classnames`), label j is class `class_subset[j]` and only the
+  subset's classes are scored. A split without labels, or with another number of classes than
+  given, is refused when the evaluator is built.
+  """
 
   SPLITS = {"split": "test"}
-  REQUIRED = ("classnames", "templates")
+  REQUIRED = ("templates",)
+  OPTIONS = ("classnames", "class_subset")
   TEXT = True
   PREDICT = ("image_embed", "text_embed")
   IMAGES = "image_embed"
@@ -194,20 +201,126 @@ class ZeroShot(Evaluator):
   def __init__(self, cfg: ConfigDict, predict_fns: dict[str, Callable], mesh: Any,
                train_data: ConfigDict, name: str | None = None):
     super().__init__(cfg, predict_fns, mesh, train_data, name)
-    self.classnames = checked(self.name, "classnames", cfg.classnames,
-                              lambda: zero_shot.load_classnames(cfg.classnames))
     self.templates = checked(self.name, "templates", cfg.templates,
                              lambda: zero_shot.load_templates(cfg.templates))
+    source, split = self.sources["split"], self.splits["split"]
+    if not getattr(source, "labelled", True):
+      raise ConfigError(f"evals.{self.name}.split={split!r}: its records have no labels, which "
+                        "zero-shot classification scores against (a CSV names its label column "
+                        "in data.label_column)")
+    self.classnames = self._classnames(source)
+    subset = cfg.get("class_subset")
+    self.subset = None if subset is None else checked(
+        self.name, "class_subset", subset,
+        lambda: zero_shot.load_class_subset(subset, len(self.classnames)))
+    self.num_classes = len(self.classnames if self.subset is None else self.subset)
+    expected = getattr(source, "num_classes", None)
+    if expected is not None and expected != self.num_classes:
+      key, what = ("classnames", "names") if self.subset is None else ("class_subset", "indices")
+      raise ConfigError(f"evals.{self.name}.{key}: {self.num_classes} {what} for the {expected} "
+                        f"classes of split {split!r}; give one per class, in label order")
 
-  def evaluate(self, params: Any, model_state: Any, extras: Any) -> dict[str, float]:
-    """Top-1/top-5 on `cfg.split` with `cfg.classnames` x `cfg.templates`."""
+  def _classnames(self, source: Any) -> list[str]:
+    """`cfg.classnames` loaded, or unset the readable class-folder names of an image folder."""
+    value = self.cfg.get("classnames")
+    if value is not None:
+      return checked(self.name, "classnames", value, lambda: zero_shot.load_classnames(value))
+    folders = getattr(source, "classes", None)
+    if not folders:
+      raise ConfigError(f"evals.{self.name}.classnames is not set; a zero_shot evaluator needs "
+                        "classnames, templates (a list, a file or a shipped set; only an image "
+                        "folder names its classes itself)")
+    return [zero_shot.readable(c) for c in folders]
+
+  def label_names(self) -> list[str]:
+    """The class name of each label of the split, in label order."""
+    return (self.classnames if self.subset is None
+            else [self.classnames[i] for i in self.subset])
+
+  def class_embeddings(self, params: Any, model_state: Any, extras: Any) -> jax.Array:
+    """(len(classnames), d) prompt-ensembled text embeddings of every class name."""
     encode = self.predict["text_embed"]
-    class_emb = zero_shot.class_text_embeddings(
+    return zero_shot.class_text_embeddings(
         lambda t: np.asarray(encode(params, model_state, extras, jnp.asarray(t))),
         self.tokenizer.encode, self.classnames, self.templates)
+
+  def scored(self, class_emb: jax.Array, params: Any, model_state: Any, extras: Any
+             ) -> dict[str, float]:
+    """Top-1/top-5 and mean per-class recall of the split against `class_emb`, restricted to the
+    subset's classes if any."""
     feats, labels = self.features(params, model_state, extras, "split")
-    scores = zero_shot.zero_shot_scores(feats, class_emb)
-    return knn.topk_accuracy(scores, labels, ks=(1, 5))
+    if labels.max() >= self.num_classes:
+      raise RunError(f"evals.{self.name}.split={self.splits['split']!r}: label {labels.max()} "
+                     f"but only {self.num_classes} classes are named")
+    scores = np.asarray(zero_shot.zero_shot_scores(feats, class_emb))
+    if self.subset is not None:
+      scores = scores[:, self.subset]
+    return {**knn.topk_accuracy(scores, labels, ks=(1, 5)),
+            "mean_per_class_recall": zero_shot.mean_per_class_recall(scores, labels)}
+
+  def evaluate(self, params: Any, model_state: Any, extras: Any) -> dict[str, float]:
+    """Top-1/top-5 and mean per-class recall on `cfg.split`."""
+    return self.scored(self.class_embeddings(params, model_state, extras),
+                       params, model_state, extras)
+
+  def settings(self) -> dict:
+    """Every setting, with the class name of each label as scored."""
+    return {**super().settings(), "label_names": self.label_names()}
+
+
+class ZeroShotSuite(Evaluator):
+  """Zero-shot classification over several datasets (e.g. ImageNet-V2, -R, -A, -Sketch).
+
+  `datasets` maps a dataset name to its settings (data, split, classnames, templates,
+  class_subset) over the suite's own; each is a ZeroShot evaluator and reports
+  '<dataset>/<metric>'. Class embeddings are computed once per distinct set of class names,
+  templates and tokenizer.
+  """
+
+  REQUIRED = ("datasets", "templates")
+  OPTIONS = ("split", "classnames", "class_subset")
+  PREDICT = ()  # each dataset's evaluator checks and jits its own
+
+  def __init__(self, cfg: ConfigDict, predict_fns: dict[str, Callable], mesh: Any,
+               train_data: ConfigDict, name: str | None = None):
+    super().__init__(cfg, predict_fns, mesh, train_data, name)
+    if not isinstance(cfg.datasets, (dict, ConfigDict)) or not cfg.datasets:
+      raise ConfigError(f"evals.{self.name}.datasets: give a dict of dataset name -> its "
+                        "settings (data, split, classnames, class_subset)")
+    shared = {k: cfg[k] for k in ("templates", *self.OPTIONS, "batch_size") if k in cfg}
+    self.evaluators = {}
+    for dataset, entry in cfg.datasets.items():
+      entry = dict(entry)
+      sub = ConfigDict({"type": "zero_shot", **shared, **entry,
+                        "data": {**dict(cfg.get("data", {})), **dict(entry.get("data", {}))}})
+      self.evaluators[dataset] = ZeroShot(sub, predict_fns, mesh, train_data,
+                                          f"{self.name}.datasets.{dataset}")
+
+  def evaluate(self, params: Any, model_state: Any, extras: Any) -> dict[str, float]:
+    """'<dataset>/<metric>' of every dataset."""
+    embeddings, out = {}, {}
+    for dataset, ev in self.evaluators.items():
+      key = (tuple(ev.classnames), tuple(ev.templates), str(data.tokenizer_spec(ev.data_cfg)))
+      if key not in embeddings:
+        embeddings[key] = ev.class_embeddings(params, model_state, extras)
+      ev.skipped = 0
+      res = ev.scored(embeddings[key], params, model_state, extras)
+      out.update({f"{dataset}/{k}": v for k, v in res.items()})
+      self.skipped += ev.skipped
+    return out
+
+  def settings(self) -> dict:
+    """The suite's settings, each dataset's in full under `datasets`."""
+    return {**super().settings(),
+            "datasets": {d: ev.settings() for d, ev in self.evaluators.items()}}
+
+
+@EVALUATORS.register("zero_shot")
+def _zero_shot(cfg: ConfigDict, predict_fns: dict[str, Callable], mesh: Any,
+               train_data: ConfigDict, name: str | None = None) -> Evaluator:
+  """A zero-shot evaluator: of one split, or a suite with `datasets`."""
+  kind = ZeroShot if cfg.get("datasets") is None else ZeroShotSuite
+  return kind(cfg, predict_fns, mesh, train_data, name)
 
 
 @EVALUATORS.register("knn")
@@ -268,14 +381,59 @@ def build_all(cfg: ConfigDict, method: Any, mesh: Any, *,
   return out
 
 
-def save_result(workdir: str, name: str, step: int, result: dict, settings: dict) -> None:
-  """WORKDIR/evals/<name>_<step>.json with the results and every setting used (process 0)."""
+def result_name(name: str, step: int, settings: dict) -> str:
+  """'<name>_<step>_<hash>': the evaluator, the step and 6 hex digits of its settings' hash."""
+  text = json.dumps(settings, sort_keys=True, default=str)
+  return f"{name}_{step}_{hashlib.sha256(text.encode()).hexdigest()[:6]}"
+
+
+def write_new(path: epath.Path, text: str) -> epath.Path:
+  """Write `text` at `path` and return it; a file there already is never replaced: unless it
+  holds `text`, the first free `<stem>.1.json`, `<stem>.2.json`... is written instead."""
+  stem, k, p = path.name[:-len(".json")], 0, path
+  while p.exists() and p.read_text() != text:
+    k += 1
+    p = path.with_name(f"{stem}.{k}.json")
+  if not p.exists():
+    p.write_text(text)
+  return p
+
+
+def clip_benchmark_records(name: str, step: int, result: dict, settings: dict, model: str
+                           ) -> dict[str, dict]:
+  """{dataset: CLIP_benchmark result record} of a zero_shot result ({} for other evaluators).
+
+  A suite's results are '<name>/<dataset>/<metric>', one split's '<name>/<metric>' (the dataset
+  is then named by the evaluator); `model` and 'pretrained': 'step_<step>' name the weights.
+  """
+  if settings.get("type") != "zero_shot":
+    return {}
+  prefixes = ({d: f"{name}/{d}/" for d in settings["datasets"]} if "datasets" in settings
+              else {name: f"{name}/"})
+  return {d: {"dataset": d, "model": model, "pretrained": f"step_{step}",
+              "task": "zeroshot_classification", "language": "en",
+              "metrics": {"acc1": float(result[p + "top1"]), "acc5": float(result[p + "top5"]),
+                          "mean_per_class_recall": float(result[p + "mean_per_class_recall"])}}
+          for d, p in prefixes.items()}
+
+
+def save_result(workdir: str, name: str, step: int, result: dict, settings: dict
+                ) -> epath.Path | None:
+  """WORKDIR/evals/<result_name>.json with the results and every setting used (process 0);
+  returns its path. No result file is ever replaced (`write_new`), so a standalone evaluation
+  with other settings keeps the training run's. Zero-shot results are also written as
+  CLIP_benchmark records, WORKDIR/evals/clip_benchmark/<dataset>_<result_name>.json."""
   if jax.process_index() != 0:
-    return
-  path = epath.Path(workdir) / "evals" / f"{name}_{step}.json"
-  path.parent.mkdir(parents=True, exist_ok=True)
-  path.write_text(json.dumps({"step": step, "results": {k: float(v) for k, v in result.items()},
-                              "settings": settings}, indent=1, default=str))
+    return None
+  folder, stem = epath.Path(workdir) / "evals", result_name(name, step, settings)
+  folder.mkdir(parents=True, exist_ok=True)
+  model = os.path.basename(os.path.normpath(os.fspath(workdir)))
+  for dataset, record in clip_benchmark_records(name, step, result, settings, model).items():
+    (folder / "clip_benchmark").mkdir(exist_ok=True)
+    write_new(folder / "clip_benchmark" / f"{dataset}_{stem}.json", json.dumps(record, indent=1))
+  return write_new(folder / f"{stem}.json", json.dumps(
+      {"step": step, "results": {k: float(v) for k, v in result.items()}, "settings": settings},
+      indent=1, default=str))
 
 
 @EVALUATORS.register("retrieval")

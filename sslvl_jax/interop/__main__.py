@@ -30,8 +30,9 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--mean", type=float, nargs=3, help="image normalisation mean (0-1 scale)")
     s.add_argument("--std", type=float, nargs=3, help="image normalisation std (0-1 scale)")
   clip = sub.choices["clip"]
-  clip.add_argument("--source", choices=("openai", "open_clip"), default="openai",
-                    help="sets the default activation: openai -> quick_gelu, open_clip -> gelu")
+  clip.add_argument("--source", choices=("openai", "open_clip"), required=True,
+                    help="where the weights come from, it sets the activation (not recorded in "
+                    "the weights): openai -> quick_gelu, open_clip -> gelu")
   clip.add_argument("--act", choices=("quick_gelu", "gelu"),
                     help="override, e.g. quick_gelu for open_clip *-quickgelu models")
   clip.add_argument("--vision-heads", type=int, help="default width // 64 (ViT-H/g/bigG: 16)")

@@ -13,8 +13,10 @@ from sslvl_jax.interop.mapping import (Rule, abstract_module, count_blocks, expo
                                        import_weights, layer_norm, linear)
 
 # OpenAI's weights (also inside open_clip's `*-quickgelu` models) use QuickGELU; open_clip's own
-# configs (ViT-B-16, ViT-L-14, ...) use exact GELU. Neither is recorded in the weights.
+# configs (ViT-B-16, ViT-L-14, ...) use exact GELU. Neither is recorded in the weights, so every
+# import names its source.
 DEFAULT_ACT = {"openai": "quick_gelu", "open_clip": "gelu"}
+SOURCES = "source='openai' (OpenAI's weights, QuickGELU) or source='open_clip' (open_clip's exact GELU)"
 # OpenAI's image normalisation, also open_clip's default.
 MEAN, STD = NORMALIZATIONS.get("clip")
 # Scalars OpenAI's TorchScript archives keep next to the weights; not weights.
@@ -22,16 +24,17 @@ IGNORED_KEYS = ("input_resolution", "context_length", "vocab_size", "attn_mask")
 LAYOUT = "OpenAI/open_clip CLIP"
 
 
-def infer_clip_config(state_dict: Mapping[str, np.ndarray], *, source: str = "openai",
+def infer_clip_config(state_dict: Mapping[str, np.ndarray], *, source: str | None = None,
                       **overrides: Any) -> dict[str, Any]:
   """Architecture of a ViT CLIP checkpoint from its tensor shapes; `overrides` win.
 
-  `source` ('openai' or 'open_clip') sets the default `act` (see DEFAULT_ACT); pass
-  act='quick_gelu' for open_clip `*-quickgelu` models. Heads are width // 64, right for OpenAI and
-  most open_clip models; pass vision_heads=16 for open_clip ViT-H-14, ViT-g-14 and ViT-bigG-14.
+  `source` is required: 'openai' or 'open_clip', it sets `act` (see DEFAULT_ACT; a wrong one is
+  off by ~1e-2); pass act='quick_gelu' for open_clip `*-quickgelu` models. Heads are width // 64,
+  right for OpenAI and most open_clip models; pass vision_heads=16 for open_clip ViT-H-14,
+  ViT-g-14 and ViT-bigG-14.
   """
   if source not in DEFAULT_ACT:
-    raise ValueError(f"unknown CLIP source {source!r}; use one of {sorted(DEFAULT_ACT)}")
+    raise ValueError(f"CLIP import needs {SOURCES}; got source={source!r}")
   sd = state_dict
   if "visual.conv1.weight" not in sd:
     raise KeyError(f"not a ViT {LAYOUT} state dict (no visual.conv1.weight; ResNet towers and "
@@ -103,9 +106,15 @@ def clip_rules(vision_layers: int, text_layers: int) -> list[Rule]:
   return rules
 
 
-def clip_from_torch(state_dict: Mapping[str, np.ndarray], *, source: str = "openai",
+def clip_from_torch(state_dict: Mapping[str, np.ndarray], *, source: str | None = None,
                     **overrides: Any) -> models.TwoTower:
-  """Our TwoTower holding an OpenAI / open_clip ViT CLIP checkpoint (see `infer_clip_config`)."""
+  """Our TwoTower holding an OpenAI / open_clip ViT CLIP checkpoint; `source` required.
+
+  See `infer_clip_config`. Images are NHWC. `encode_image` / `encode_text` return L2-normalised
+  embeddings (open_clip's `normalize=True`); open_clip's default unnormalised `encode_image(x)` is
+  `model.image_proj(model.image(x)['pooled'])` (text: `text_proj`, `text`), or
+  `load_encoder(..., normalize=False)` on an export.
+  """
   cfg = infer_clip_config(state_dict, source=source, **overrides)
   abstract = abstract_module(clip_model_config(cfg))
   return import_weights(abstract, state_dict, clip_rules(cfg["vision_layers"], cfg["text_layers"]),

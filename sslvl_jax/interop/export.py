@@ -90,27 +90,29 @@ def load_module(path_dir: str) -> nnx.Module:
   return fill_module(abstract_module(config["model"]), arrays, what=f"{path_dir}/{WEIGHTS_FILE}")
 
 
-def _image_features(module: nnx.Module, images: jax.Array) -> jax.Array:
-  if hasattr(module, "encode_image"):
-    return module.encode_image(images)
-  return module(images)["pooled"]
+def _image_features(module: nnx.Module, images: jax.Array, normalize: bool) -> jax.Array:
+  if not hasattr(module, "encode_image"):
+    return module(images)["pooled"]
+  return module.encode_image(images) if normalize else module.image_proj(module.image(images)["pooled"])
 
 
-def _text_features(module: nnx.Module, tokens: jax.Array) -> jax.Array:
-  if hasattr(module, "encode_text"):
-    return module.encode_text(tokens)
-  return module(tokens)["pooled"]
+def _text_features(module: nnx.Module, tokens: jax.Array, normalize: bool) -> jax.Array:
+  if not hasattr(module, "encode_text"):
+    return module(tokens)["pooled"]
+  return module.encode_text(tokens) if normalize else module.text_proj(module.text(tokens)["pooled"])
 
 
-def load_encoder(path_dir: str, *, tower: str | None = None
+def load_encoder(path_dir: str, *, tower: str | None = None, normalize: bool = True
                  ) -> Callable[[np.ndarray], jax.Array]:
   """A jitted embedding function of an exported encoder.
 
-  Image towers take uint8 (b, s, s, 3) images at the exported image size (resize and crop as
-  config.json's preprocessing says, e.g. `sslvl_jax.data.examples.resize_center_crop`) and apply
-  its mean/std; text towers take (b, context_length) token ids from the exported tokenizer
-  settings. Two-tower models return L2-normalised embeddings; single encoders their pooled
-  features. `tower` picks 'image' or 'text' of a two-tower export (default 'image').
+  Image towers take uint8 NHWC (b, s, s, 3) images at the exported image size (resize and crop as
+  config.json's preprocessing says, e.g. `sslvl_jax.data.examples.resize_center_crop`; NCHW is
+  refused) and apply its mean/std; text towers take (b, context_length) token ids from the
+  exported tokenizer settings. Two-tower models return L2-normalised embeddings, or with
+  `normalize=False` the projections before normalising (open_clip's `encode_image(x)` default);
+  single encoders their pooled features. `tower` picks 'image' or 'text' of a two-tower export
+  (default 'image').
   """
   config = read_config(path_dir)
   tower = tower or ("text" if config["tower"] == "text" else "image")
@@ -118,7 +120,7 @@ def load_encoder(path_dir: str, *, tower: str | None = None
     raise ValueError(f"{path_dir} has no {tower} tower (it has {config['tower']!r})")
   graphdef, state = nnx.split(load_module(path_dir))
   features = _image_features if tower == "image" else _text_features
-  embed = jax.jit(lambda s, x: features(nnx.merge(graphdef, s), x))
+  embed = jax.jit(lambda s, x: features(nnx.merge(graphdef, s), x, normalize))
   if tower == "text":
     return lambda tokens: embed(state, jnp.asarray(tokens, jnp.int32))
   prep = config["preprocessing"]
@@ -128,8 +130,9 @@ def load_encoder(path_dir: str, *, tower: str | None = None
 
   def embed_images(images: np.ndarray) -> jax.Array:
     if images.dtype != np.uint8 or images.ndim != 4 or images.shape[1:] != (size, size, 3):
-      raise ValueError(f"expected uint8 images (b, {size}, {size}, 3), got {images.dtype} "
-                       f"{images.shape}; for other inputs use load_module")
+      hint = " (NCHW? transpose with x.transpose(0, 2, 3, 1))" if images.shape[1:2] == (3,) else ""
+      raise ValueError(f"expected uint8 NHWC images (b, {size}, {size}, 3), got {images.dtype} "
+                       f"{images.shape}{hint}; for other inputs use load_module")
     return embed(state, (jnp.asarray(images, jnp.float32) - mean) / std)
 
   return embed_images

@@ -21,6 +21,7 @@ TRANSFORMS: dict[str, tuple[Callable[[Array], Array], Callable[[Array], Array]]]
     "conv": (lambda w: w.transpose(2, 3, 1, 0), lambda k: k.transpose(3, 2, 0, 1)),  # OIHW <-> HWIO
     "token": (lambda x: x[None, None], lambda x: x[0, 0]),  # (d,) <-> (1, 1, d)
     "pos": (lambda x: x[None], lambda x: x[0]),  # (t, d) <-> (1, t, d)
+    "gain": (lambda g: g[:, 0], lambda g: g[:, None]),  # torch weight_norm g (out, 1) <-> (out,)
 }
 
 
@@ -56,6 +57,7 @@ def count_blocks(state_dict: Mapping[str, Any], prefix: str) -> int:
 ARCHITECTURES: Registry = Registry("architecture")
 ARCHITECTURES.add("vit", models.ViT)
 ARCHITECTURES.add("text_transformer", models.TextTransformer)
+ARCHITECTURES.add("dino_head", models.DINOHead)
 
 
 @ARCHITECTURES.register("two_tower")

@@ -7,6 +7,7 @@ from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 Dtype = jnp.dtype
@@ -205,3 +206,40 @@ class Block(nnx.Module):
       r1, r2 = jax.random.split(rng)
     x = x + drop_path(self.attn(self.ln1(x), is_causal=is_causal, mask=mask), self.drop_path_rate, r1)
     return x + drop_path(self.mlp(self.ln2(x)), self.drop_path_rate, r2)
+
+
+CUBIC_A = -0.75  # torch's (and OpenCV's) bicubic convolution constant; Keys' is -0.5
+
+
+def _cubic_near(x: np.ndarray) -> np.ndarray:  # weight of a tap at distance x <= 1
+  return ((CUBIC_A + 2) * x - (CUBIC_A + 3)) * x * x + 1
+
+
+def _cubic_far(x: np.ndarray) -> np.ndarray:  # weight of a tap at distance 1 < x < 2
+  return ((CUBIC_A * x - 5 * CUBIC_A) * x + 8 * CUBIC_A) * x - 4 * CUBIC_A
+
+
+def _cubic_matrix(in_size: int, out_size: int, scale: float) -> np.ndarray:
+  """(out, in) weights of torch's bicubic (a=-0.75, align_corners=False, borders clamped, no AA)."""
+  src = (np.arange(out_size) + 0.5) / scale - 0.5  # torch's source pixel for a given scale_factor
+  left = np.floor(src)
+  t = src - left
+  weights = np.stack([_cubic_far(t + 1), _cubic_near(t), _cubic_near(1 - t), _cubic_far(2 - t)], 1)
+  taps = np.clip(left.astype(np.int64)[:, None] + np.arange(-1, 3), 0, in_size - 1)
+  out = np.zeros((out_size, in_size))
+  np.add.at(out, (np.repeat(np.arange(out_size), 4), taps.ravel()), weights.ravel())
+  return out.astype(np.float32)
+
+
+def bicubic_resize(x: jax.Array, out_hw: tuple[int, int], scale: tuple[float, float]) -> jax.Array:
+  """Resize (b, h, w, c) as torch's `interpolate(mode='bicubic', scale_factor=scale)`.
+
+  As torch does when given a scale factor, output pixel i samples (i + 0.5) / scale - 0.5 (not
+  the in / out size ratio); cubic a=-0.75, align_corners=False, no antialiasing, out-of-range taps
+  clamped to the border.
+  """
+  h, w = x.shape[1:3]
+  wh = jnp.asarray(_cubic_matrix(h, out_hw[0], scale[0]))
+  ww = jnp.asarray(_cubic_matrix(w, out_hw[1], scale[1]))
+  y = jnp.einsum("oh,bhwc->bowc", wh, x.astype(jnp.float32), precision=jax.lax.Precision.HIGHEST)
+  return jnp.einsum("pw,bowc->bopc", ww, y, precision=jax.lax.Precision.HIGHEST).astype(x.dtype)

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from typing import Callable
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from sslvl_jax.models.layers import Block, Dtype, check_remat, run_block, trunc_normal
+from sslvl_jax.models.layers import Block, Dtype, bicubic_resize, check_remat, run_block, trunc_normal
 
 
 def sincos_2d(grid: int, width: int) -> np.ndarray:
@@ -21,12 +23,32 @@ def sincos_2d(grid: int, width: int) -> np.ndarray:
   return np.concatenate([np.sin(out_x), np.cos(out_x), np.sin(out_y), np.cos(out_y)], 1).astype(np.float32)
 
 
+def resize_pos_jax(pos: jax.Array, grid_h: int, grid_w: int) -> jax.Array:
+  """(1, n, n, d) patch position embeddings to (1, grid_h, grid_w, d): jax.image.resize bicubic."""
+  return jax.image.resize(pos, (1, grid_h, grid_w, pos.shape[-1]), method="bicubic")
+
+
+def resize_pos_dino(pos: jax.Array, grid_h: int, grid_w: int) -> jax.Array:
+  """DINO's `interpolate_pos_encoding`: torch bicubic with scale factor (grid + 0.1) / n."""
+  n = pos.shape[1]
+  return bicubic_resize(pos, (grid_h, grid_w), ((grid_h + 0.1) / n, (grid_w + 0.1) / n))
+
+
+# How patch position embeddings follow an input of another resolution than `image_size`.
+POS_INTERPOLATIONS: dict[str, Callable[[jax.Array, int, int], jax.Array]] = {
+    "jax": resize_pos_jax,  # Keys cubic (a=-0.5), antialiased when shrinking
+    "dino": resize_pos_dino,  # DINO / torch: a=-0.75, no antialiasing, DINO's +0.1 scale factor
+}
+
+
 class ViT(nnx.Module):
   """ViT with class token, optional register tokens, cls or mean pooling.
 
   `__call__` returns a dict: `pooled` (b, width) after the final norm, `tokens` (b, t, width) after
-  the final norm, and `patch_tokens` (b, n_patches, width). Inputs of another resolution than
-  `image_size` get bicubically interpolated patch position embeddings (DINO's 96 px local crops).
+  the final norm, and `patch_tokens` (b, n_patches, width). Images are NHWC (b, h, w, channels).
+  Inputs of another resolution than `image_size` get bicubically interpolated patch position
+  embeddings (DINO's 96 px local crops) by the `pos_interp` rule in POS_INTERPOLATIONS: 'jax'
+  (jax.image.resize) or 'dino' (DINO's torch interpolation, exact; imported DINO models use it).
   `remat` ('none', 'block', 'dots_saveable', 'dots_with_no_batch_dims_saveable') recomputes each
   block's activations in the backward pass, saving what the named policy allows.
   """
@@ -36,13 +58,17 @@ class ViT(nnx.Module):
                num_registers: int = 0, pool: str = "cls", pre_norm: bool = False,
                patch_bias: bool = True, qkv_bias: bool = True, ln_eps: float = 1e-6,
                act: str = "gelu", drop_path_rate: float = 0.0, pos_embed: str = "learned",
-               freeze_patch_embed: bool = False, attention_impl: str | None = None,
+               pos_interp: str = "jax", freeze_patch_embed: bool = False,
+               attention_impl: str | None = None,
                in_channels: int = 3, remat: str = "none", dtype: Dtype = jnp.float32,
                param_dtype: Dtype = jnp.float32, rngs: nnx.Rngs):
     if image_size % patch_size:
       raise ValueError(f"image_size {image_size} is not divisible by patch_size {patch_size}")
     if pool not in ("cls", "mean"):
       raise ValueError(f"unknown ViT pool {pool!r}; use 'cls' or 'mean'")
+    if pos_interp not in POS_INTERPOLATIONS:
+      raise ValueError(f"unknown pos_interp {pos_interp!r}; use one of {tuple(POS_INTERPOLATIONS)}")
+    self.pos_interp, self.in_channels = pos_interp, in_channels
     self.patch_size, self.width, self.pool = patch_size, width, pool
     self.num_registers, self.freeze_patch_embed = num_registers, freeze_patch_embed
     self.grid = image_size // patch_size
@@ -76,14 +102,16 @@ class ViT(nnx.Module):
     if (grid_h, grid_w) == (self.grid, self.grid):
       return pos
     patch_pos = pos[:, 1:].reshape(1, self.grid, self.grid, self.width)
-    patch_pos = jax.image.resize(patch_pos.astype(jnp.float32), (1, grid_h, grid_w, self.width),
-                                 method="bicubic").astype(pos.dtype)
+    patch_pos = POS_INTERPOLATIONS[self.pos_interp](patch_pos.astype(jnp.float32), grid_h, grid_w
+                                                    ).astype(pos.dtype)
     return jnp.concatenate([pos[:, :1], patch_pos.reshape(1, grid_h * grid_w, self.width)], 1)
 
   def embed(self, images: jax.Array) -> jax.Array:
     """Patch + class + register tokens with position embeddings, (b, t, width)."""
-    if images.ndim != 4:
-      raise ValueError(f"ViT expects images of shape (batch, height, width, channels), got {images.shape}")
+    if images.ndim != 4 or images.shape[-1] != self.in_channels:
+      raise ValueError(f"ViT expects NHWC images (batch, height, width, {self.in_channels}), got "
+                       f"shape {images.shape}; transpose NCHW (PyTorch) input with "
+                       "x.transpose(0, 2, 3, 1)")
     x = self.patch_embed(images.astype(self.dtype))
     if self.freeze_patch_embed:
       x = jax.lax.stop_gradient(x)
