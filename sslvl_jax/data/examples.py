@@ -8,6 +8,7 @@ photometric augmentations to the device (sslvl_jax/data/device_ops.py).
 from __future__ import annotations
 
 import functools
+import hashlib
 
 import numpy as np
 
@@ -99,6 +100,25 @@ def multi_view(record: dict, rng: np.random.Generator, *, crops: str | None = No
     out[f"views{g}"] = np.stack(flat[i:i + count])
     i += count
   return _with_label(out, record)
+
+
+def is_labelled(key: str, fraction: float, seed: int = 0) -> bool:
+  """Whether the record `key` is in the seeded labelled subset: a 64-bit hash of (seed, key)
+  below `fraction` of its range, so the subset is fixed per key whatever the order, process or
+  epoch, and holds a `fraction` of the records in expectation."""
+  digest = hashlib.blake2b(f"{seed}:{key}".encode(), digest_size=8).digest()
+  return int.from_bytes(digest, "little") < fraction * 2 ** 64
+
+
+@EXAMPLES.register("labelled_views")
+def labelled_views(record: dict, rng: np.random.Generator, *, labelled_fraction: float,
+                   labelled_seed: int = 0, **kwargs) -> dict:
+  """Semi-supervised example: the `multi_view` crops, label kept for the records of the
+  `labelled_fraction` subset (`is_labelled` of the record's key) and -1 for the others."""
+  out = multi_view(record, rng, **kwargs)
+  if not is_labelled(str(record["key"]), labelled_fraction, labelled_seed):
+    out["label"] = np.int32(-1)
+  return out
 
 
 @EXAMPLES.register("image_text_views")
