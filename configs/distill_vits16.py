@@ -11,8 +11,9 @@ open_clip:, openai:, dino:; see sslvl_jax/methods/pretrained.py); loss.targets w
 and last-layer [CLS] attention (KL per head). No label loss: the data need no labels. DeiT's
 RandAugment, Mixup/CutMix and random erasing are not implemented: one random-resized crop,
 flip and colour jitter 0.4 per image.
-`:digits` distils the quickstart CLIP's image tower (train configs/quickstart.py in
-/tmp/quickstart first) into a half-width micro ViT; `:smoke` runs 4 steps from a random teacher.
+`:digits` distils the quickstart CLIP's image tower (run `bash tools/quickstart.sh` first: it
+trains into workdirs/quickstart) into a half-width micro ViT; `:smoke` runs 4 steps from a random
+teacher.
 """
 
 from ml_collections import ConfigDict, config_dict
@@ -50,7 +51,7 @@ def get_config(arg: str | None = None) -> ConfigDict:
     c.model.dtype = "float32"
     c.model.backbone = common.micro_vit(width=32, mlp_dim=64)  # half the quickstart tower's width
   if arg.variant == "digits":
-    c.teacher.source = "checkpoint:/tmp/quickstart"
+    c.teacher.source = "checkpoint:workdirs/quickstart"
     # The CLIP teacher has no classifier: its pooled image features are the target.
     c.loss.targets = ConfigDict(dict(logits=0.0, features=1.0, attention=0.0))
     c.optim = ConfigDict(dict(name="adamw", lr=2e-3, weight_decay=0.05, end_lr=1e-5))

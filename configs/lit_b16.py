@@ -10,8 +10,9 @@ and its projection are locked (no update, no weight decay, no optimiser state: o
 as LiT's 'Lu' setting; model.lock_image_head=False trains the projection. big_vision trains with
 Adafactor; AdamW here. The image tower's architecture (model.image) must match the source's, and
 data.mean/std the normalisation it was trained with.
-`:digits` locks the quickstart CLIP's image tower (train configs/quickstart.py in /tmp/quickstart
-first) and trains a new text tower; `:smoke` runs 4 steps on a random locked tower.
+`:digits` locks the quickstart CLIP's image tower (run `bash tools/quickstart.sh` first: it
+trains into workdirs/quickstart) and trains a new text tower; `:smoke` runs 4 steps on a random
+locked tower.
 """
 
 from ml_collections import ConfigDict, config_dict
@@ -54,7 +55,7 @@ def get_config(arg: str | None = None) -> ConfigDict:
     common.micro_towers(c, embed_dim=64)
     c.model.dtype = "float32"
   if arg.variant == "digits":
-    c.model.image_init.source = "checkpoint:/tmp/quickstart"
+    c.model.image_init.source = "checkpoint:workdirs/quickstart"
     c.optim.update(lr=2e-3, weight_decay=1e-4)
     common.train_in_steps(c, batch=128, steps=400, warmup_steps=40, log_every=50,
                           checkpoint_every=400)

@@ -10,7 +10,7 @@ import numpy as np
 from sslvl_jax import models
 from sslvl_jax.data.device_ops import NORMALIZATIONS
 from sslvl_jax.interop.mapping import (Rule, abstract_module, count_blocks, export_weights,
-                                       import_weights, layer_norm, linear)
+                                       import_weights, layer_norm, linear, with_overrides)
 
 # OpenAI's weights (also inside open_clip's `*-quickgelu` models) use QuickGELU; open_clip's own
 # configs (ViT-B-16, ViT-L-14, ...) use exact GELU. Neither is recorded in the weights, so every
@@ -53,11 +53,7 @@ def infer_clip_config(state_dict: Mapping[str, np.ndarray], *, source: str | Non
       embed_dim=sd["visual.proj"].shape[1], act=DEFAULT_ACT[source], ln_eps=1e-5,
       text_pool="argmax", eot_id=vocab_size - 1, pad_id=0,  # OpenAI BPE: EOT is the largest id
       attention_impl=None, dtype="float32", param_dtype="float32")
-  unknown = sorted(set(overrides) - set(cfg))
-  if unknown:
-    raise ValueError(f"unknown CLIP config keys {unknown}; known: {sorted(cfg)}")
-  cfg.update(overrides)
-  return {k: int(v) if isinstance(v, np.integer) else v for k, v in cfg.items()}
+  return with_overrides(cfg, overrides, "CLIP")
 
 
 def clip_model_config(cfg: Mapping[str, Any]) -> dict[str, Any]:

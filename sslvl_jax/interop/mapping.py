@@ -53,6 +53,16 @@ def count_blocks(state_dict: Mapping[str, Any], prefix: str) -> int:
   return len(ids)
 
 
+def with_overrides(cfg: dict[str, Any], overrides: Mapping[str, Any], kind: str) -> dict[str, Any]:
+  """An inferred `kind` config updated with `overrides` (an unknown key is a ValueError), its
+  numpy integers made Python ints (JSON-able)."""
+  unknown = sorted(set(overrides) - set(cfg))
+  if unknown:
+    raise ValueError(f"unknown {kind} config keys {unknown}; known: {sorted(cfg)}")
+  cfg = {**cfg, **overrides}
+  return {k: int(v) if isinstance(v, np.integer) else v for k, v in cfg.items()}
+
+
 # Architectures an exported config can name besides the model registry's sizes.
 ARCHITECTURES: Registry = Registry("architecture")
 ARCHITECTURES.add("vit", models.ViT)

@@ -11,7 +11,7 @@ import numpy as np
 from sslvl_jax import models
 from sslvl_jax.data.device_ops import NORMALIZATIONS
 from sslvl_jax.interop.mapping import (Rule, abstract_module, count_blocks, export_weights,
-                                       import_weights, layer_norm, linear)
+                                       import_weights, layer_norm, linear, with_overrides)
 
 IMAGENET_MEAN, IMAGENET_STD = NORMALIZATIONS.get("imagenet")
 # DINO's projection head (full checkpoints) and timm's classifier: not part of the backbone.
@@ -38,11 +38,7 @@ def infer_vit_config(state_dict: Mapping[str, np.ndarray], **overrides: Any) -> 
              pre_norm="norm_pre.weight" in sd, patch_bias="patch_embed.proj.bias" in sd,
              qkv_bias="blocks.0.attn.qkv.bias" in sd, ln_eps=1e-6, act="gelu", pos_interp="dino",
              attention_impl=None, dtype="float32", param_dtype="float32")
-  unknown = sorted(set(overrides) - set(cfg))
-  if unknown:
-    raise ValueError(f"unknown ViT config keys {unknown}; known: {sorted(cfg)}")
-  cfg.update(overrides)
-  return {k: int(v) if isinstance(v, np.integer) else v for k, v in cfg.items()}
+  return with_overrides(cfg, overrides, "ViT")
 
 
 def timm_rules(depth: int, *, pre_norm: bool, patch_bias: bool, qkv_bias: bool) -> list[Rule]:
