@@ -174,17 +174,18 @@ def test_gs_webdataset_shards_stream_and_train(gcs_env, tmp_path):
 def test_gs_caption_table_trains(gcs_env):
   bucket = storage.Client().bucket(BUCKET)
   digits = builtin.DigitsSource("train")
-  lines = ["filepath,title"]
+  lines = ["filepath,title,label"]  # labels: the quickstart's zero-shot evaluator scores them
   for i in range(32):
     buf = io.BytesIO()
     Image.fromarray(digits[i]["image"]).save(buf, format="PNG")
     bucket.blob(f"csv/images/{i}.png").upload_from_string(buf.getvalue())
-    lines.append(f"images/{i}.png,{digits[i]['text']}")
+    lines.append(f"images/{i}.png,{digits[i]['text']},{digits[i]['label']}")
   bucket.blob("csv/train.csv").upload_from_string("\n".join(lines) + "\n")
   table = f"gs://{BUCKET}/csv/train.csv"
   r = _cli("sslvl_jax.main", [*ARGS, f"--workdir=gs://{BUCKET}/csv_run", "--config.data.name=csv",
                               f"--config.data.splits.train={table}",
-                              f"--config.data.splits.test={table}", "--config.total_steps=2"],
+                              f"--config.data.splits.test={table}", "--config.total_steps=2",
+                              "--config.data.label_column=label"],
            gcs_env)
   assert r.returncode == 0, r.stderr[-3000:]
   rows = [json.loads(line) for line in _blob_text("csv_run/metrics.jsonl").splitlines()]

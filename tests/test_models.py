@@ -57,7 +57,7 @@ def test_sincos_embedding_matches_formula():
 
 def test_bad_image_shape_is_named():
   m = models.build("vit_micro", rngs=nnx.Rngs(0))
-  with pytest.raises(ValueError, match="batch, height, width, channels"):
+  with pytest.raises(ValueError, match=r"NHWC images \(batch, height, width, 3\)"):
     m(jnp.ones((32, 32, 3)))
 
 

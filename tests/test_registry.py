@@ -30,7 +30,8 @@ def plugin_root(tmp_path, monkeypatch):
 
 def test_a_package_registry_finds_entries_in_modules_nobody_imports(plugin_root):
   _write(plugin_root, "toyplugins/__init__.py", """
-            THINGS = Registry("thing", package=__name__)
+      from sslvl_jax.registry import Registry
+      THINGS = Registry("thing", package=__name__)
   """)
   for name in ("alpha", "beta"):  # two files; nothing imports them
     _write(plugin_root, f"toyplugins/{name}.py", f"""
@@ -45,7 +46,8 @@ def test_a_package_registry_finds_entries_in_modules_nobody_imports(plugin_root)
 
 def test_module_path_names_import_the_module_and_bad_ones_say_why(plugin_root):
   _write(plugin_root, "toy_registry.py", """
-            WIDGETS = Registry("widget")
+      from sslvl_jax.registry import Registry
+      WIDGETS = Registry("widget")
   """)
   _write(plugin_root, "toy_widgets.py", """
       from toy_registry import WIDGETS

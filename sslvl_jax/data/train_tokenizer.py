@@ -20,12 +20,7 @@ from sslvl_jax.errors import ConfigError
 from sslvl_jax.data import builtin, sources
 from sslvl_jax.data.tokenizer import train_sentencepiece
 
-_CAPTIONS = flags.DEFINE_multi_string("captions", [], "caption files (txt, or csv/tsv:COLUMN)")
-_DELIMITER = flags.DEFINE_string("delimiter", None, "CSV/TSV delimiter (default: sniffed)")
-_BUILTIN = flags.DEFINE_enum("builtin", None, ["digits"], "train on a built-in caption set")
-_OUT = flags.DEFINE_string("out", None, "output prefix (writes PREFIX.model and PREFIX.vocab)")
-_VOCAB = flags.DEFINE_integer("vocab_size", 32000, "vocabulary size (a maximum on small corpora)")
-_TYPE = flags.DEFINE_enum("model_type", "bpe", ["unigram", "bpe"], "SentencePiece algorithm")
+FLAGS = flags.FLAGS
 BUILTIN_VOCAB = 128
 TABLES = (".csv", ".tsv", ".tab")
 
@@ -51,19 +46,31 @@ def read_captions(spec: str, delimiter: str | None = None) -> list[str]:
   return [(row[column] or "").strip() for row in rows if (row[column] or "").strip()]
 
 
+def define_flags() -> None:
+  """The CLI flags (defined only when run as a program: importing this module, as the data-source
+  registry does, defines none)."""
+  flags.DEFINE_multi_string("captions", [], "caption files (txt, or csv/tsv:COLUMN)")
+  flags.DEFINE_string("delimiter", None, "CSV/TSV delimiter (default: sniffed)")
+  flags.DEFINE_enum("builtin", None, ["digits"], "train on a built-in caption set")
+  flags.DEFINE_string("out", None, "output prefix (writes PREFIX.model and PREFIX.vocab)")
+  flags.DEFINE_integer("vocab_size", 32000, "vocabulary size (a maximum on small corpora)")
+  flags.DEFINE_enum("model_type", "bpe", ["unigram", "bpe"], "SentencePiece algorithm")
+
+
 def main(argv: list[str]) -> None:
   del argv
-  if not _OUT.value:
+  if not FLAGS.out:
     raise ConfigError("--out is required (see --help)")
-  if _BUILTIN.value:
+  if FLAGS.builtin:
     texts, vocab = [t.lower() for t in builtin.tokenizer_corpus()], BUILTIN_VOCAB
   else:
-    texts = [t.lower() for spec in _CAPTIONS.value for t in read_captions(spec, _DELIMITER.value)]
-    vocab = _VOCAB.value
+    texts = [t.lower() for spec in FLAGS.captions for t in read_captions(spec, FLAGS.delimiter)]
+    vocab = FLAGS.vocab_size
   if not texts:
     raise ConfigError("no captions: pass --captions=FILE or --builtin=digits")
-  print(train_sentencepiece(texts, _OUT.value, vocab, _TYPE.value))
+  print(train_sentencepiece(texts, FLAGS.out, vocab, FLAGS.model_type))
 
 
 if __name__ == "__main__":
+  define_flags()
   cli.run(main)
