@@ -21,11 +21,17 @@ from ml_collections import config_flags
 from sslvl_jax import cli
 from sslvl_jax.errors import ConfigError
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "recipe config file", lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", None, "the training run's directory")
-_STEP = flags.DEFINE_integer("step", None, "checkpoint step (default latest; 0 = random init)")
-_ROLE = flags.DEFINE_enum("role", None, ["teacher", "student"],
-                          "which network to evaluate (default: the method's, as in training)")
+FLAGS = flags.FLAGS
+
+
+def define_flags() -> None:
+  """The CLI flags, defined only when run as a program (importing this module defines none, so
+  it imports beside the other CLIs)."""
+  config_flags.DEFINE_config_file("config", None, "recipe config file", lock_config=True)
+  flags.DEFINE_string("workdir", None, "the training run's directory")
+  flags.DEFINE_integer("step", None, "checkpoint step (default latest; 0 = random init)")
+  flags.DEFINE_enum("role", None, ["teacher", "student"],
+                    "which network to evaluate (default: the method's, as in training)")
 
 
 def evaluate(config, workdir: str, step: int | None = None, role: str | None = None
@@ -48,11 +54,12 @@ def evaluate(config, workdir: str, step: int | None = None, role: str | None = N
 
 def main(argv: list[str]) -> None:
   del argv
-  cli.required(config=_CONFIG.value, workdir=_WORKDIR.value)
+  cli.required(config=FLAGS.config, workdir=FLAGS.workdir)
   logging.set_verbosity(logging.WARNING)
-  res = evaluate(_CONFIG.value, _WORKDIR.value, _STEP.value, _ROLE.value)
+  res = evaluate(FLAGS.config, FLAGS.workdir, FLAGS.step, FLAGS.role)
   print(json.dumps({k: round(float(v), 5) for k, v in res.items()}))
 
 
 if __name__ == "__main__":
+  define_flags()
   cli.run(main)

@@ -23,13 +23,19 @@ from sslvl_jax import cli
 from sslvl_jax.errors import ConfigError
 from sslvl_jax.workdir import is_url
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "the run's recipe config", lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", None, "the training run's directory")
-_STEP = flags.DEFINE_integer("step", None, "checkpoint step (default: the latest)")
-_ROLE = flags.DEFINE_enum("role", None, ["teacher", "student"],
-                          "which network (default: the one the k-NN evaluator uses)")
-_OUT = flags.DEFINE_string("out", None, "output directory (default WORKDIR/export)")
-_TORCH = flags.DEFINE_string("torch", None, "also write a PyTorch-layout .safetensors here")
+FLAGS = flags.FLAGS
+
+
+def define_flags() -> None:
+  """The CLI flags, defined only when run as a program (importing this module defines none, so
+  it imports beside the other CLIs)."""
+  config_flags.DEFINE_config_file("config", None, "the run's recipe config", lock_config=True)
+  flags.DEFINE_string("workdir", None, "the training run's directory")
+  flags.DEFINE_integer("step", None, "checkpoint step (default: the latest)")
+  flags.DEFINE_enum("role", None, ["teacher", "student"],
+                    "which network (default: the one the evaluators use)")
+  flags.DEFINE_string("out", None, "output directory (default WORKDIR/export)")
+  flags.DEFINE_string("torch", None, "also write a PyTorch-layout .safetensors here")
 
 
 def export(config, workdir: str, out_dir: str, *, step: int | None = None,
@@ -69,16 +75,17 @@ def save_encoder(out_dir: str, module: Any, model_config: dict, info: dict) -> N
 
 def main(argv: list[str]) -> None:
   del argv
-  cli.required(config=_CONFIG.value, workdir=_WORKDIR.value)
+  cli.required(config=FLAGS.config, workdir=FLAGS.workdir)
   logging.set_verbosity(logging.WARNING)
-  out = _OUT.value or os.path.join(_WORKDIR.value, "export")
-  export(_CONFIG.value, _WORKDIR.value, out, step=_STEP.value, role=_ROLE.value)
+  out = FLAGS.out or os.path.join(FLAGS.workdir, "export")
+  export(FLAGS.config, FLAGS.workdir, out, step=FLAGS.step, role=FLAGS.role)
   print(f"exported to {out}")
-  if _TORCH.value:
+  if FLAGS.torch:
     from sslvl_jax import interop  # pylint: disable=g-import-not-at-top
-    interop.export_to_torch(out, _TORCH.value)
-    print(f"PyTorch layout: {_TORCH.value}")
+    interop.export_to_torch(out, FLAGS.torch)
+    print(f"PyTorch layout: {FLAGS.torch}")
 
 
 if __name__ == "__main__":
+  define_flags()
   cli.run(main)
